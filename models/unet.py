@@ -1,0 +1,75 @@
+"""The audio U-Net of Sound-of-Pixels / iQuery: a log-frequency spectrogram window in, an audio
+embedding at full resolution out, plus a coarse decoder feature map for the transformer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _channels(ngf: int, depth: int) -> list[int]:
+    """Channels after each down level: ngf, 2 ngf, 4 ngf, 8 ngf, 8 ngf, ..."""
+    return [ngf * min(2 ** i, 8) for i in range(depth)]
+
+
+class AudioUNet(nn.Module):
+    """U-Net with `depth` stride-2 levels down and up (4x4 kernels, skip connections).
+
+    The input height and width must be divisible by 2 ** depth. forward() returns the
+    `out_channels`-channel embedding at full resolution and the decoder feature map at stride
+    `token_stride` (the output of the up level that restores that stride, before its skip).
+    """
+
+    def __init__(self, *, in_channels: int = 1, out_channels: int = 32, ngf: int = 64,
+                 depth: int = 7, token_stride: int = 16) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"U-Net depth must be >= 2, got {depth}")
+        levels = [2 ** k for k in range(1, depth)]
+        if token_stride not in levels:
+            raise ValueError(f"token_stride must be one of {levels} for depth {depth}, "
+                             f"got {token_stride}")
+        self.depth = depth
+        self.token_level = token_stride.bit_length() - 1  # up level whose output is the map
+        ch = _channels(ngf, depth)
+        self.token_channels = ch[self.token_level - 1]
+
+        self.down = nn.ModuleList()
+        for i in range(depth):
+            c_in = in_channels if i == 0 else ch[i - 1]
+            # No norm on the outermost and innermost levels, as in Sound-of-Pixels.
+            norm = nn.Identity() if i in (0, depth - 1) else nn.BatchNorm2d(ch[i])
+            self.down.append(nn.Sequential(
+                nn.Conv2d(c_in, ch[i], 4, stride=2, padding=1, bias=False), norm,
+                nn.LeakyReLU(0.2, inplace=True)))
+        self.up = nn.ModuleList()
+        for i in range(depth):  # up[i] restores the resolution of down[i]'s input
+            c_in = ch[i] if i == depth - 1 else 2 * ch[i]
+            if i == 0:
+                self.up.append(nn.ConvTranspose2d(c_in, out_channels, 4, stride=2, padding=1))
+            else:
+                self.up.append(nn.Sequential(
+                    nn.ConvTranspose2d(c_in, ch[i - 1], 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(ch[i - 1]), nn.ReLU(inplace=True)))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C_in, F, T) -> (embedding (B, out_channels, F, T),
+        feature map (B, token_channels, F / token_stride, T / token_stride))."""
+        step = 2 ** self.depth
+        assert x.shape[-2] % step == 0 and x.shape[-1] % step == 0, (
+            f"U-Net of depth {self.depth} needs F and T divisible by {step}, "
+            f"got {tuple(x.shape)}")
+        skips = []
+        h = x
+        for layer in self.down:
+            h = layer(h)
+            skips.append(h)
+        feat = h
+        h = skips[-1]
+        for i in range(self.depth - 1, -1, -1):
+            h = self.up[i](h)
+            if i == self.token_level:
+                feat = h
+            if i > 0:
+                h = torch.cat([h, skips[i - 1]], dim=1)
+        return h, feat
