@@ -289,3 +289,15 @@ def model_input(spec: Tensor, n_rows: int) -> Tensor:
         raise ValueError(f"model_input expects complex (B, {N_BINS}, T), "
                          f"got shape {tuple(spec.shape)}")
     return torch.log1p(warp(spec.abs().unsqueeze(1), n_rows))
+
+
+def apply_masks(masks: Tensor, spec: Tensor) -> Tensor:
+    """Masks predicted on the warped grid applied to the mixture: unwarp to N_BINS, scale the
+    mixture magnitude, keep the mixture phase (a real mask times the complex bin does both).
+
+    masks: (B, Q, n_rows, T) real, spec: complex (B, N_BINS, T) -> complex (B, Q, N_BINS, T).
+    """
+    if spec.dim() != 3 or spec.shape[1] != N_BINS or masks.shape[-1] != spec.shape[-1]:
+        raise ValueError(f"apply_masks expects masks (B, Q, rows, T) and spec (B, {N_BINS}, T), "
+                         f"got {tuple(masks.shape)} and {tuple(spec.shape)}")
+    return unwarp(masks).clamp(0, 1) * spec[:, None]

@@ -11,6 +11,7 @@ from models.spectral import (
     N_FFT,
     StreamingISTFT,
     StreamingSTFT,
+    apply_masks,
     istft,
     model_input,
     stft,
@@ -122,3 +123,16 @@ def test_model_input() -> None:
     assert torch.all(x >= 0)
     with pytest.raises(ValueError, match="512"):
         model_input(spec[:, :100], 128)
+
+
+def test_apply_masks_identity_and_split() -> None:
+    x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(3))
+    spec = stft(x)
+    ones = torch.ones(2, 3, 64, spec.shape[-1])
+    out = apply_masks(ones, spec)
+    assert out.shape == (2, 3, N_BINS, spec.shape[-1])
+    torch.testing.assert_close(istft(out[:, 1], 5000), x, rtol=0, atol=1e-5)
+    # Complementary masks sum back to the mixture.
+    m = torch.rand(2, 1, 64, spec.shape[-1])
+    parts = apply_masks(torch.cat([m, 1 - m], dim=1), spec)
+    torch.testing.assert_close(parts.sum(dim=1), spec, rtol=1e-5, atol=1e-5)
