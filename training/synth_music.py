@@ -206,6 +206,8 @@ def arrange(
             transpose = int(round(transpose_target - median))
         last_end = t0
         for pitch, onset_q, dur_q in notes[start:]:
+            if rng.random() < 0.03:  # the player pauses: a phrase rest of 2-6 beats
+                origin -= rng.uniform(2.0, 6.0)
             onset = t0 + (onset_q - origin) * spq + rng.normal(0.0, 0.008)
             if onset >= duration_s:
                 break

@@ -160,15 +160,16 @@ def pose_curves(style: str, env: np.ndarray, pulse: np.ndarray, parity: np.ndarr
     elif style == "strum":
         angle = -10.0 * pulse
         dy = dy + 0.08 * amp * pulse
-    elif style == "wind":  # the horn lifts while blown
-        dy = dy - 0.14 * amp * env
-        angle = -6.0 * env
+    elif style == "wind":  # the horn lifts while blown and nods with each tongued note
+        dy = dy - 0.14 * amp * env + 0.07 * amp * pulse
+        angle = -6.0 * env + 4.0 * pulse * parity
     elif style == "keys":
         dy = dy + 0.08 * amp * pulse
         dx = 0.05 * amp * env * parity
     elif style == "bellows":  # squeeze and pull while sounding
         phase = np.cumsum(env) * 2 * math.pi * 0.6 / fps
         sx = 1.0 - 0.18 * env * (0.5 + 0.5 * np.sin(phase))
+        dy = dy + 0.05 * amp * pulse
     elif style == "hit":
         dy = dy + 0.12 * amp * pulse
         angle = 4.0 * pulse * parity
