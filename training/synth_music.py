@@ -162,7 +162,7 @@ def _drum_key(inst: Instrument, onset_q: float, rng: np.random.Generator) -> int
         return keys[0]
     frac = onset_q % 1.0
     if abs(frac) < 1e-6:
-        beat = int(round(onset_q)) % 4
+        beat = round(onset_q) % 4
         # kit convention in the vocabulary order: low keys (kick, snare) first, cymbals last
         pool = keys[: max(1, len(keys) // 3)] if beat in (0, 2) else keys[: max(2, len(keys) // 2)]
     else:
@@ -203,7 +203,7 @@ def arrange(
         sources.append(f"{mel.source}@{start}")
         if inst.pitch is not None:
             median = float(np.median([n[0] for n in notes]))
-            transpose = int(round(transpose_target - median))
+            transpose = round(transpose_target - median)
         last_end = t0
         for pitch, onset_q, dur_q in notes[start:]:
             if rng.random() < 0.03:  # the player pauses: a phrase rest of 2-6 beats
@@ -258,8 +258,8 @@ class Renderer:
             synth.program_select(chan, self.sfid, 0, int(inst.gm_program))
         timeline = []
         for key, onset, dur, vel in events:
-            timeline.append((int(round(onset * self.sample_rate)), 1, key, vel))
-            timeline.append((int(round((onset + dur) * self.sample_rate)), 0, key, 0))
+            timeline.append((round(onset * self.sample_rate), 1, key, vel))
+            timeline.append((round((onset + dur) * self.sample_rate), 0, key, 0))
         timeline.sort(key=lambda e: (e[0], e[1]))  # note-offs first at equal times: re-strikes
         out = np.zeros((n_samples, 2), np.float32)  # (samples, L/R)
         pos = 0

@@ -229,3 +229,20 @@ def test_box_matches_the_drawn_glyph():
         assert boxes[0][0] == 7
         assert np.abs(np.array(boxes[0][1:]) - np.array(drawn)).max() <= 1, (boxes, drawn)
 
+
+
+@needs_assets
+def test_music_loader_reads_the_generated_layout(tiny):
+    from training.music_data import MusicIndex, list_ensembles, load_audio, load_boxes, load_frames
+
+    out, _ = tiny
+    index = MusicIndex.from_csv(out / "test.csv")
+    assert index.classes == ["accordion", "acoustic_guitar"]
+    clip = index[0]
+    _, pcm = wavfile.read(clip.audio_path)
+    np.testing.assert_array_equal(load_audio(clip, 0.0, 1.0), pcm[:11025] / 32768.0)
+    assert load_frames(clip, [0.0, 1.0], 112).shape == (2, 112, 112, 3)
+    assert len(load_boxes(clip)) >= clip.n_frames
+    ensembles = list_ensembles(out)
+    assert [e.clip_id for e in ensembles] == ["ens_0000", "ens_0001"]
+    assert all(e.stem_path(c).is_file() for e in ensembles for c in e.classes)
