@@ -26,13 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from engine.graph import Graph, allocate, load_graph, resolve_class
+from engine.messages import ALL_STREAMS, EndOfStream
 from engine.node import PortWiring, Runner, Wiring, install_signal_handlers
 from engine.profiler import summarize
-from engine.transport import CurveKeys
+from engine.transport import CurveKeys, Sender
 
 DEFAULT_MAX_RESTARTS = 3
 STOP_GRACE_S = 5.0
+END_GRACE_S = 0.5
 
 
 @dataclass
@@ -48,6 +52,9 @@ class NodeProcess:
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
     done: bool = False  # exited 0 (finished or stopped): never restarted
+    done_at: float = 0.0
+    upstream: list[tuple[str, str]] = field(default_factory=list)  # (node, endpoint) pull edges
+    ends_sent: set[str] = field(default_factory=set)  # stand-in ends sent since the restart
 
 
 class Launcher:
@@ -70,11 +77,17 @@ class Launcher:
         self.nodes: dict[str, NodeProcess] = {}
         self.failed: str | None = None
         self._stop = threading.Event()
+        self._ctx: zmq.Context | None = None
         self._t0 = 0.0
 
     def start(self) -> None:
         """Allocate endpoints, write one spec per node and start every process."""
         wiring = allocate(self.graph, self.run_dir, self._sock_dir)
+        upstream: dict[str, list[tuple[str, str]]] = {name: [] for name in self.graph.nodes}
+        for e in self.graph.edges:
+            port = wiring[e.dst].inputs[e.dst_port]
+            if port.pattern == "pull":
+                upstream[e.dst].append((e.src, port.endpoints[0]))
         for name, spec in self.graph.nodes.items():
             spec_path = self.run_dir / f"{name}.spec.json"
             spec_path.write_text(json.dumps({
@@ -84,7 +97,7 @@ class Launcher:
             self.nodes[name] = NodeProcess(
                 name, str(spec_path), str(self.run_dir / f"{name}.log"),
                 self.max_restarts if spec.max_restarts is None else spec.max_restarts,
-                is_sink=not wiring[name].outputs,
+                is_sink=not wiring[name].outputs, upstream=upstream[name],
             )
         self._t0 = time.monotonic()
         for np_ in self.nodes.values():
@@ -107,7 +120,7 @@ class Launcher:
             code = n.proc.returncode
             n.exit_codes.append(code)
             if code == 0 or self._stop.is_set():
-                n.done = True
+                n.done, n.done_at = True, time.monotonic()
                 continue
             if n.restarts >= n.max_restarts:
                 n.done = True
@@ -117,9 +130,41 @@ class Launcher:
                 return True
             n.restarts += 1
             self.log(f"node {n.name!r} exited with {code}; restart {n.restarts}/{n.max_restarts}")
+            n.ends_sent.clear()
             self._spawn(n)
+        self._stand_in_ends()
         sinks = [n for n in self.nodes.values() if n.is_sink]
         return all(n.done for n in sinks) or all(n.done for n in self.nodes.values())
+
+    def _stand_in_ends(self) -> None:
+        """Send a restarted node the final ends its dead predecessor consumed.
+
+        A crash loses the messages queued in the crashed process, possibly the final
+        EndOfStream(ALL) of an upstream node that has since exited: without a stand-in the
+        restarted node would wait forever. Sent only for upstream nodes that exited 0 at least
+        END_GRACE_S ago, when all their data has long been delivered; the receiving node counts
+        ends per sender, so a repeated end is harmless.
+        """
+        now = time.monotonic()
+        for n in self.nodes.values():
+            if n.restarts == 0 or n.done:
+                continue
+            for up, endpoint in n.upstream:
+                u = self.nodes[up]
+                key = f"{up}@{endpoint}"
+                if key in n.ends_sent or not u.done or u.exit_codes[-1:] != [0]:
+                    continue
+                if now - u.done_at < END_GRACE_S:
+                    continue
+                if self._ctx is None:
+                    self._ctx = zmq.Context()
+                sender = Sender(self._ctx, "push", [endpoint], bind_endpoint=False,
+                                curve=self.graph.curve)
+                sender.send(EndOfStream(stream=ALL_STREAMS, reason="upstream finished",
+                                        trail=[(up, now, now)]))
+                sender.close(linger_ms=-1)  # kept until the node binds; stop() destroys the context
+                n.ends_sent.add(key)
+                self.log(f"sent {n.name!r} the end of {up!r} (lost in its crash)")
 
     def run(self, timeout: float | None = None) -> dict[str, Any]:
         """Start (if needed), supervise until done, a signal or ``timeout``; stop; summarize."""
@@ -170,6 +215,9 @@ class Launcher:
             if n.proc is not None and not n.done and n.proc.returncode is not None:
                 n.exit_codes.append(n.proc.returncode)
                 n.done = True
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
         shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def summary(self, reason: str) -> dict[str, Any]:

@@ -187,6 +187,11 @@ def _check_array(name: str, arr: Any) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _bytes_view(arr: np.ndarray) -> memoryview:
+    # A flat uint8 view: memoryview.cast refuses empty and some non-native formats.
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
 def encode(msg: Message, topic: bytes | None = None) -> list[bytes | memoryview]:
     """Encode ``msg`` as ``[topic, header, payload...]`` (payloads are zero-copy views).
 
@@ -205,7 +210,7 @@ def encode(msg: Message, topic: bytes | None = None) -> list[bytes | memoryview]
         if f.name in cls.array_fields:
             arr = _check_array(f.name, value)
             arrays.append({"field": f.name, "dtype": arr.dtype.name, "shape": list(arr.shape)})
-            payload.append(memoryview(arr).cast("B"))
+            payload.append(_bytes_view(arr))
         elif f.name in cls.array_dict_fields:
             for key, item in value.items():
                 arr = _check_array(f"{f.name}[{key!r}]", item)
@@ -213,7 +218,7 @@ def encode(msg: Message, topic: bytes | None = None) -> list[bytes | memoryview]
                     {"field": f.name, "key": str(key), "dtype": arr.dtype.name,
                      "shape": list(arr.shape)}
                 )
-                payload.append(memoryview(arr).cast("B"))
+                payload.append(_bytes_view(arr))
         else:
             fields[f.name] = value
     if len(arrays) > MAX_ARRAYS:

@@ -162,7 +162,11 @@ class Runner:
         """Run until finished or stopped; return True when the node finished its inputs."""
         node = self.node
         self._open()
-        pull_ended = {p: 0 for p, w in self.wiring.inputs.items() if w.pattern == "pull"}
+        # Senders (node names) whose final EndOfStream(ALL) each "pull" port has seen: a set, so
+        # that a repeated end (the launcher's stand-in after a restart) is harmless.
+        pull_ended: dict[str, set[str]] = {
+            p: set() for p, w in self.wiring.inputs.items() if w.pattern == "pull"
+        }
         poller = zmq.Poller()
         for r in self.receivers.values():
             poller.register(r.sock, zmq.POLLIN)
@@ -186,8 +190,11 @@ class Runner:
                     t0 = node.clock()
                     self._emit(node.tick(), [], t0)
                     next_tick = max(next_tick + node.tick_interval, t0)
-                ended = bool(pull_ended) and all(
-                    n >= self.wiring.inputs[p].n_upstream for p, n in pull_ended.items()
+                # Finish only once nothing is pending: data may sit behind an end that came
+                # through another pipe of the same port.
+                pending = any(self.receivers[p].sock in ready for p in pull_ended)
+                ended = bool(pull_ended) and not pending and all(
+                    len(s) >= self.wiring.inputs[p].n_upstream for p, s in pull_ended.items()
                 )
                 if node.exhausted or ended:
                     self.finished = True
@@ -206,13 +213,14 @@ class Runner:
                 self._close()
         return self.finished
 
-    def _dispatch(self, port: str, msg: Message, pull_ended: dict[str, int]) -> None:
+    def _dispatch(self, port: str, msg: Message, pull_ended: dict[str, set[str]]) -> None:
         node = self.node
         t_in = node.clock()
         node.counters["in"] += 1
         if isinstance(msg, EndOfStream) and msg.stream == ALL_STREAMS:
             if port in pull_ended:
-                pull_ended[port] += 1
+                sender = msg.trail[-1][0] if msg.trail else f"?{len(pull_ended[port])}"
+                pull_ended[port].add(sender)
             return
         trail = msg.trail
         self._emit(node.handle(port, msg), trail, t_in)
