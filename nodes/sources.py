@@ -1,7 +1,7 @@
 """Sources: any FFmpeg input (file or stdin pipe) and a sound-card microphone.
 
 FileSource decodes with PyAV in a background thread (a pipe may block on read; the node loop
-must stay responsive to stop), downmixes to mono and resamples to 11025 Hz with PyAV's
+must stay responsive to stop), averages the channels to mono and resamples to 11025 Hz with PyAV's
 AudioResampler, and emits AudioChunks of ``block`` samples (the last one may be shorter). With
 ``video_fps`` set it also emits RGB uint8 VideoFrames at that rate on its "video" port, so one
 file feeds both paths. Non-finite samples (NaN/inf, possible in float WAVs) are replaced by 0 and
@@ -29,13 +29,14 @@ _QUEUE_ITEMS = 256  # decoded items buffered ahead of the node loop (a few secon
 def _resampler() -> Any:
     import av
 
-    return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    # Channels are kept (planar) and averaged here: FFmpeg's own downmix adds channels at
+    # -3 dB, which makes a centred stereo source 3 dB louder than either channel and can clip.
+    return av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
 
 
 def _resampled(resampler: Any, frame: Any) -> list[np.ndarray]:
-    """Mono float32 arrays of one decoded frame (None flushes the resampler)."""
-    return [f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-            for f in resampler.resample(frame)]
+    """Mono float32 arrays (channel mean) of one decoded frame (None flushes the resampler)."""
+    return [f.to_ndarray().mean(axis=0, dtype=np.float32) for f in resampler.resample(frame)]
 
 
 class _Blocker:
