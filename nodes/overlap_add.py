@@ -40,9 +40,14 @@ class OverlapAdd(Node):
     inputs = {"masks": "pull"}
     outputs = {"audio": "push"}
 
-    def __init__(self) -> None:
+    def __init__(self, *, threads: int = 1) -> None:
         super().__init__()
+        self.threads = threads
         self.labels: dict[str, dict[str, _Label]] = {}  # stream -> label -> state
+
+    def start(self) -> None:
+        """One torch thread (see nodes.stft.STFT.start: small ops lose to thread contention)."""
+        torch.set_num_threads(self.threads)
 
     def _chunk(self, label: str, st: _Label, samples: torch.Tensor,
                limit: int | None = None) -> Outputs:
