@@ -16,7 +16,7 @@ import zmq
 from engine.messages import AudioChunk, EndOfStream, VideoFrame
 from engine.testing import ManualClock, run_node
 from engine.transport import Receiver
-from nodes.sinks import TapSink, WavSink, safe_filename
+from nodes.sinks import MonitorSink, TapSink, WavSink, safe_filename
 from nodes.sources import FileSource, MicSource
 
 SR = 11025
@@ -176,3 +176,31 @@ def test_mic_source_with_a_fake_device(monkeypatch):
     assert abs(len(_audio(out)) - SR) <= 64
     assert np.allclose(_audio(out)[100:-100], 0.25, atol=1e-3)
     assert out[-1][1].reason == "device stopped" and node.exhausted
+
+
+def test_monitor_sink_with_a_fake_device(monkeypatch):
+    class FakeOut:
+        def __init__(self, *, channels, callback, **kw):
+            self.channels, self.cb = channels, callback
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "sounddevice", types.SimpleNamespace(OutputStream=FakeOut))
+    node = MonitorSink(labels=["a", "b"])
+    node.start()
+    node.handle("audio", AudioChunk(stream="a", sample_index=0, samples=np.ones(300, np.float32)))
+    node.handle("audio", AudioChunk(stream="c", sample_index=0, samples=np.ones(300, np.float32)))
+    out = np.full((256, 2), 9.0, np.float32)
+    node.stream.cb(out, 256, None, None)
+    assert np.all(out[:, 0] == 1.0) and np.all(out[:, 1] == 0.0)  # "b" has nothing: silence
+    node.stream.cb(out, 256, None, None)
+    assert np.all(out[:44, 0] == 1.0) and np.all(out[44:, 0] == 0.0)
+    assert node.counters["underrun_samples"] == 256 + 256 + 212
+    node.stop()
