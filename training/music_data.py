@@ -292,6 +292,8 @@ def list_ensembles(dataset_root: str | Path) -> list[Ensemble]:
     folder = Path(dataset_root) / "ensembles"
     out = []
     for meta_path in sorted(folder.glob("*/meta.json")):
+        if meta_path.parent.name.startswith("."):
+            continue  # an ensemble still being written (renamed into place when complete)
         meta = json.loads(meta_path.read_text())
         out.append(Ensemble(meta_path.parent, meta["id"], list(meta["classes"]),
                             int(meta["n_frames"]), float(meta["fps"])))

@@ -139,7 +139,9 @@ def test_pairs_and_ensembles(layout):
     (ens / "frames").mkdir(parents=True)
     (ens / "meta.json").write_text(json.dumps({"id": "ens_0000", "classes": ["flute", "violin"],
                                                "n_frames": 16, "fps": 8}))
-    (layout / "ensembles" / ".ens_0001.tmp").mkdir()  # unfinished: not listed
+    unfinished = layout / "ensembles" / ".ens_0001.tmp"
+    unfinished.mkdir()
+    (unfinished / "meta.json").write_text((ens / "meta.json").read_text())  # not yet renamed
     (e,) = list_ensembles(layout)
     assert e.classes == ["flute", "violin"] and e.stem_path("flute").name == "flute.wav"
     assert e.as_clip().det_path == ens / "boxes.npy"
