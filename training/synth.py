@@ -439,9 +439,11 @@ def generate(cfg: dict, workers: int = 2, overwrite: bool = False, progress: boo
     from tqdm import tqdm
 
     out = Path(cfg["out"])
-    # fail early, in this process, on a missing SoundFont or font
-    if not Path(cfg["soundfont"]).is_file():
-        Renderer(cfg["soundfont"])
+    # fail early, in this process, on a missing SoundFont or font (the errors name the package)
+    if not Path(cfg["soundfont"]).is_file() or Path(cfg["soundfont"]).suffix.lower() not in (
+        ".sf2", ".sf3"
+    ):
+        Renderer(cfg["soundfont"])  # raises; loading a valid one here would cost seconds
     EmojiArt(cfg["font"])
     prepare_output(out, cfg, overwrite)
     t0 = time.monotonic()
