@@ -231,3 +231,31 @@ def make_random_bundle(
     }
     (path / "bundle.json").write_text(json.dumps(info, indent=1) + "\n")
     return load_bundle(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nodes.bundle --random DIR``: write a random bundle; ``--check DIR``: load one."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="Write (--random) or check (--check) a model bundle.")
+    ap.add_argument("--random", metavar="DIR", help="write a randomly initialised bundle here")
+    ap.add_argument("--check", metavar="DIR", help="check a bundle directory")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        if args.random:
+            b = make_random_bundle(args.random, seed=args.seed)
+        elif args.check:
+            b = load_bundle(args.check)
+        else:
+            ap.error("give --random DIR or --check DIR")
+    except (BundleError, ValueError, OSError) as exc:
+        print(f"nodes.bundle: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"bundle {b.path}: {len(b.classes)} classes, stream {b.stream}, visual {b.visual}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
