@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from models.sop import SoundOfPixels
 from models.visual import MotionEncoder, ObjectEncoder
-from training.factory import build_model
+from training.factory import PRESETS, build_model
 
 
 def test_sop_shapes_and_swap_with_iquery(small_kwargs, make_batch) -> None:
@@ -28,9 +28,10 @@ def test_sop_shapes_and_swap_with_iquery(small_kwargs, make_batch) -> None:
 
 def test_sop_cpu_preset() -> None:
     sop = build_model("cpu", arch="sop").eval()
+    rows, frames = PRESETS["cpu"]["n_rows"], PRESETS["cpu"]["n_frames"]
     with torch.no_grad():
-        masks = sop(torch.rand(1, 1, 128, 64), torch.randn(1, 2, 512))
-    assert masks.shape == (1, 2, 128, 64)
+        masks = sop(torch.rand(1, 1, rows, frames), torch.randn(1, 2, 512))
+    assert masks.shape == (1, 2, rows, frames)
 
 
 def test_object_encoder_max_pools_frames() -> None:

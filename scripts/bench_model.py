@@ -1,0 +1,272 @@
+"""Model benchmarks behind the preset sizes (docs/MODELS.md): parameter counts, the time to
+separate one 6 s clip, the training step and the streaming step of the `cpu` preset, the visual
+encoders, and (--sweep) candidate `cpu` sizes measured side by side.
+
+Every figure is the median over repeated rounds with its min-max spread. Rounds interleave the
+configurations so that load from other processes hits them alike: compare ratios within a run.
+
+    .venv/bin/python scripts/bench_model.py [--threads 2] [--rounds 5] [--sweep] [--onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.iquery import IQuery
+from models.spectral import (
+    HOP,
+    SAMPLE_RATE,
+    StreamingISTFT,
+    StreamingSTFT,
+    apply_masks,
+    model_input,
+)
+from models.visual import MotionEncoder, ObjectEncoder
+from training.factory import PRESETS, build_model
+
+CLIP_FRAMES = 256  # one 6 s clip (65535 samples)
+N_SOURCES = 2
+BATCH = 8
+BLOCK = 4  # frames emitted per streaming step
+
+
+def timed(fn: Callable[[], object], inner: int) -> float:
+    """Median seconds of `inner` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(inner):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def visual_inputs(model: IQuery, b: int, q: int) -> dict:
+    kw = model.kwargs
+    return {
+        "obj_feats": torch.randn(b, q, kw["obj_dim"]),
+        "class_ids": torch.arange(q).repeat(b, 1),
+        "motion": torch.randn(b, q, 4, kw["motion_dim"]),
+        "motion_pad": torch.zeros(b, q, 4, dtype=torch.bool),
+        "query_pad": torch.zeros(b, q, dtype=torch.bool),
+    }
+
+
+def clip_fn(model: IQuery) -> Callable[[], object]:
+    """Separate one 256-frame clip: one window, or the clip cut into the model's windows
+    (batched) when the window is shorter."""
+    n_win = max(1, CLIP_FRAMES // model.n_frames)
+    x = torch.rand(n_win, 1, model.n_rows, model.n_frames)
+    cache = model.encode_visual(**visual_inputs(model, n_win, N_SOURCES))
+
+    def run() -> None:
+        with torch.inference_mode():
+            model.separate(x, cache)
+    return run
+
+
+def train_fn(model: IQuery) -> Callable[[], object]:
+    """One Mix-and-Separate step: batch 8, 2 sources, weighted L1 on ratio masks, AdamW."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(BATCH, 1, model.n_rows, model.n_frames)
+    vis = visual_inputs(model, BATCH, N_SOURCES)
+    target = torch.rand(BATCH, N_SOURCES, model.n_rows, model.n_frames)
+    weight = x.clone()
+
+    def run() -> None:
+        masks = model(x, **vis)
+        loss = ((masks - target).abs() * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
+class StreamStep:
+    """The per-block work of the engine for one mixture: STFT of a block of samples, model input
+    of the sliding window, separation, masks of the newest frames applied, inverse STFT."""
+
+    def __init__(self, model: IQuery, model_only: bool = False) -> None:
+        self.model = model.eval()
+        self.model_only = model_only
+        self.cache = model.encode_visual(**visual_inputs(model, 1, N_SOURCES))
+        self.stft, self.istft = StreamingSTFT(), StreamingISTFT()
+        rng = np.random.default_rng(0)
+        self.audio = rng.standard_normal(SAMPLE_RATE * 60).astype(np.float32) * 0.1
+        # Prime a full window: frame t needs 511 samples past t * HOP.
+        self.pos = model.n_frames * HOP
+        self.window = self.stft.push(self.audio[: self.pos])
+        assert self.window.shape[-1] < model.n_frames
+        self.window = torch.cat([self.window.new_zeros(512, model.n_frames), self.window], -1)
+        self.window = self.window[:, -model.n_frames:]
+        self.x = model_input(self.window[None], model.n_rows)
+
+    def __call__(self) -> None:
+        with torch.inference_mode():
+            if self.model_only:
+                self.model.separate(self.x, self.cache)
+                return
+            if self.pos + BLOCK * HOP > self.audio.shape[0]:
+                self.pos = 0
+            new = self.stft.push(self.audio[self.pos:self.pos + BLOCK * HOP])
+            self.pos += BLOCK * HOP
+            self.window = torch.cat([self.window, new], dim=-1)[:, -self.model.n_frames:]
+            x = model_input(self.window[None], self.model.n_rows)
+            masks = self.model.separate(x, self.cache)  # (1, Q, rows, T)
+            k = new.shape[-1]
+            out = apply_masks(masks[..., -k:], self.window[None, :, -k:])
+            self.istft.push(out[0])
+
+
+def onnx_step_fn(model: IQuery) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    from models.export import export_onnx
+
+    path = Path(tempfile.mkdtemp()) / "step.onnx"
+    export_onnx(model.eval(), path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": np.random.rand(1, 1, model.n_rows, model.n_frames).astype(np.float32),
+            "queries": np.random.randn(1, N_SOURCES, model.d_model).astype(np.float32),
+            "query_pad": np.zeros((1, N_SOURCES), dtype=bool)}
+    return lambda: sess.run(None, feed)
+
+
+def _burn(stop) -> None:
+    """Background load standing in for the other engineers' processes: one busy thread."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    while not stop.is_set():
+        a = torch.tanh(a @ a)
+
+
+def run_rounds(jobs: dict[str, tuple[Callable[[], object], int]], rounds: int) -> dict:
+    """Interleave jobs over rounds; returns name -> list of per-round medians (ms)."""
+    results: dict[str, list[float]] = {name: [] for name in jobs}
+    for _ in range(rounds):
+        for name, (fn, inner) in jobs.items():
+            results[name].append(timed(fn, inner) * 1e3)
+    return results
+
+
+def fmt(ms: list[float]) -> str:
+    return f"{statistics.median(ms):8.1f} ms  [{min(ms):.1f} - {max(ms):.1f}]"
+
+
+def n_params(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sweep", action="store_true", help="time candidate cpu sizes")
+    parser.add_argument("--onnx", action="store_true", help="also time onnxruntime per step")
+    parser.add_argument("--load", type=int, default=0,
+                        help="start this many busy background processes (simulated contention)")
+    args = parser.parse_args()
+    stop = mp.Event()
+    burners = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(args.load)]
+    for p in burners:
+        p.start()
+    try:
+        bench(args)
+    finally:
+        stop.set()
+        for p in burners:
+            p.join(timeout=5)
+
+
+def bench(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds, {args.load} busy background processes, "
+          f"median [min - max] of per-round medians")
+
+    if args.sweep:
+        sweep(args.rounds)
+        return
+
+    paper = build_model("paper").eval()
+    cpu = build_model("cpu").eval()
+    print(f"params: paper {n_params(paper)}, cpu {n_params(cpu)}")
+    window_ms = 1e3 * BLOCK * HOP / SAMPLE_RATE
+    jobs = {
+        "paper: separate one 6 s clip (1 window 256x256, 2 sources)": (clip_fn(paper), 2),
+        "cpu: separate one 6 s clip (4 windows 256x64, batched)": (clip_fn(cpu), 5),
+        f"cpu: streaming step, model only (window {cpu.n_frames}, 2 sources)":
+            (StreamStep(cpu, model_only=True), 20),
+        f"cpu: streaming step, STFT->model->iSTFT (block {BLOCK} = {window_ms:.0f} ms audio)":
+            (StreamStep(cpu), 20),
+        f"cpu: training step (batch {BATCH}, fwd+bwd+AdamW)": (train_fn(build_model("cpu")), 3),
+        "paper: training step (batch 8, fwd+bwd+AdamW)": (train_fn(build_model("paper")), 1),
+        "ObjectEncoder: 1 crop 224x224": (encoder_fn(ObjectEncoder(), 224), 3),
+        "ObjectEncoder: 1 crop 112x112": (encoder_fn(ObjectEncoder(), 112), 5),
+        "MotionEncoder: 1 tube 16x112x112": (tube_fn(MotionEncoder()), 3),
+    }
+    if args.onnx:
+        jobs["cpu: streaming step, onnxruntime CPU (model only)"] = (onnx_step_fn(cpu), 20)
+    for name, ms in run_rounds(jobs, args.rounds).items():
+        print(f"{name:70s} {fmt(ms)}")
+
+
+def encoder_fn(enc: ObjectEncoder, size: int) -> Callable[[], object]:
+    enc.eval()
+    frames = torch.randn(1, 1, 3, size, size)
+
+    def run() -> None:
+        with torch.inference_mode():
+            enc(frames)
+    return run
+
+
+def tube_fn(enc: MotionEncoder) -> Callable[[], object]:
+    enc.eval()
+    tube = torch.randn(1, 3, 16, 112, 112)
+
+    def run() -> None:
+        with torch.inference_mode():
+            enc(tube)
+    return run
+
+
+_D256 = {"d_model": 256, "n_heads": 8, "d_ffn": 1024}
+_D128 = {"d_model": 128, "n_heads": 4, "d_ffn": 512}
+CANDIDATES = {
+    "256x64 ngf32 d256": {"n_rows": 256, "ngf": 32} | _D256,
+    "256x64 ngf16 d256": {"n_rows": 256, "ngf": 16} | _D256,
+    "256x64 ngf16 d128": {"n_rows": 256, "ngf": 16} | _D128,
+    "128x64 ngf32 d128": {"n_rows": 128, "ngf": 32} | _D128,
+    "128x64 ngf16 d128": {"n_rows": 128, "ngf": 16} | _D128,
+}
+
+
+def sweep(rounds: int) -> None:
+    """Candidate cpu sizes, each as overrides of the cpu preset."""
+    jobs = {}
+    for name, over in CANDIDATES.items():
+        kw = PRESETS["cpu"] | over
+        model = IQuery(**kw).eval()
+        print(f"{name:26s} params {n_params(model)}")
+        jobs[f"{name:26s} streaming step (model only)"] = (StreamStep(model, True), 20)
+        jobs[f"{name:26s} training step (batch 8)"] = (train_fn(IQuery(**kw)), 3)
+    for name, ms in run_rounds(jobs, rounds).items():
+        print(f"{name:60s} {fmt(ms)}")
+
+
+if __name__ == "__main__":
+    main()
