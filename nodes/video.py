@@ -20,6 +20,7 @@ from engine.messages import EndOfStream, VideoFrame
 from engine.node import Node, Outputs
 
 _QUEUE_ITEMS = 64  # decoded frames buffered ahead of the node loop (8 s at 8 fps)
+MAX_BAD_PACKETS = 250  # undecodable packets in a row before the input counts as gone
 LIVE_SCHEMES = ("tcp://", "udp://", "rtsp://", "rtp://", "srt://", "http://", "https://")
 
 
@@ -103,7 +104,7 @@ class CameraSource(Node):
             first: float | None = None
             next_ns = 0
             wall0 = time.monotonic()
-            for frame in container.decode(video=0):
+            for frame in self._frames(container):
                 if self._halt.is_set():
                     return
                 # Some live inputs carry no timestamps: their clock is the wall clock.
@@ -124,6 +125,24 @@ class CameraSource(Node):
         finally:
             if container is not None:
                 container.close()
+
+    def _frames(self, container: Any) -> Any:
+        """Decoded frames; a packet that does not decode (a live stream joined between key
+        frames, a corrupt packet) is skipped and counted, a demuxer error ends the input."""
+        import av
+
+        bad = 0
+        for packet in container.demux(container.streams.video[0]):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                bad += 1
+                self.counters["bad_packets"] += 1
+                if bad > MAX_BAD_PACKETS:
+                    raise
+                continue
+            bad = 0
+            yield from frames
 
     def tick(self) -> Outputs:
         """Emit the frames that are decoded (and, when pacing a file, due)."""

@@ -1,0 +1,79 @@
+"""Detector node and IoU tracker: stable ids across updates, threshold, drops reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.messages import EndOfStream, VideoFrame, VisionUpdate
+from engine.testing import run_node
+from nodes.bundle import make_random_bundle
+from nodes.detector import Detector, IoUTracker, iou_matrix
+
+CLASSES = ["violin", "flute"]
+
+
+def test_iou_matrix() -> None:
+    a = np.array([[0, 0, 10, 10]], np.float32)
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
+    np.testing.assert_allclose(iou_matrix(a, b), [[1.0, 50 / 150, 0.0]])
+
+
+def test_tracker_keeps_ids_numbers_per_class_and_drops_after_misses() -> None:
+    tr = IoUTracker(CLASSES, iou_threshold=0.3, max_missed=2)
+    boxes = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], np.float32)
+    tracks, dropped = tr.update(boxes, np.array([0, 0, 1]), np.ones(3), 0.0)
+    assert [t.label for t in tracks] == ["violin#1", "violin#2", "flute#1"]
+    # Moved a little, listed in another order: same ids.
+    moved = boxes[[2, 1, 0]] + 2
+    tracks, _ = tr.update(moved, np.array([1, 0, 0]), np.ones(3), 1.0)
+    assert [(t.label, tuple(t.box)) for t in tracks] == [
+        ("violin#1", (2, 2, 12, 12)), ("violin#2", (22, 2, 32, 12)), ("flute#1", (42, 2, 52, 12))]
+    # A flute where violin#2 was is a new flute, not violin#2; violin#2 is missed once.
+    tracks, dropped = tr.update(np.array([[2, 2, 12, 12], [22, 2, 32, 12], [42, 2, 52, 12]],
+                                         np.float32), np.array([0, 1, 1]), np.ones(3), 2.0)
+    assert [t.label for t in tracks] == ["violin#1", "violin#2", "flute#1", "flute#2"]
+    assert dropped == [] and tracks[1].missed == 1
+    tracks, dropped = tr.update(np.array([[2, 2, 12, 12]], np.float32), np.array([0]),
+                                np.ones(1), 3.0)
+    assert [t.label for t in dropped] == ["violin#2"]
+    assert [t.label for t in tracks] == ["violin#1", "flute#1", "flute#2"]
+    assert tracks[0].spans == [[0.0, 3.0]]
+    # A violin appearing later gets a fresh number: ids are never reused.
+    tracks, _ = tr.update(np.array([[2, 2, 12, 12], [60, 60, 70, 70]], np.float32),
+                          np.array([0, 0]), np.ones(2), 4.0)
+    assert "violin#3" in [t.label for t in tracks]
+
+
+def test_detector_node_with_tiny_onnx_gives_stable_ids(tmp_path: Path) -> None:
+    bundle = make_random_bundle(tmp_path / "b", detections=[
+        ("violin", (0.1, 0.1, 0.4, 0.9), 0.9), ("flute", (0.6, 0.1, 0.9, 0.9), 0.7),
+        ("horn", (0.4, 0.4, 0.6, 0.6), 0.2)])
+    frames = [("video", VideoFrame(stream="video", pts_ns=int(i * 0.125e9),
+                                   image=np.zeros((60, 80, 3), np.uint8)))
+              for i in range(20)]  # 2.5 s at 8 fps
+    report = tmp_path / "det.json"
+    node = Detector(bundle=str(bundle.path), interval_s=1.0, score_threshold=0.5,
+                    input_size=40, report_path=str(report))
+    out = run_node(node, [*frames, ("video", EndOfStream(stream="video"))])
+    updates = [m for _, m in out if isinstance(m, VisionUpdate)]
+    assert [u.pts_ns for u in updates] == [0, 1_000_000_000, 2_000_000_000]
+    for u in updates:
+        assert u.labels == ["violin#1", "flute#1"]  # horn is under the threshold
+        assert u.track_ids == [1, 2]
+        # Boxes in the frame's pixels although the detector saw a 40-pixel image.
+        np.testing.assert_allclose(u.boxes, [[8, 6, 32, 54], [48, 6, 72, 54]], atol=1e-3)
+        assert u.arrays["class_ids"].tolist() == [11, 6]
+    assert isinstance(out[-1][1], EndOfStream) and out[-1][1].stream == "tracks"
+    seen = json.loads(report.read_text())
+    assert seen["violin#1"]["spans"] == [[0.0, 2.0]] and seen["flute#1"]["class"] == "flute"
+
+
+def test_detector_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        Detector(bundle="x", device="tpu")
+    with pytest.raises(ValueError, match="max_missed"):
+        IoUTracker(CLASSES, max_missed=0)

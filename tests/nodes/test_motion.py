@@ -1,0 +1,65 @@
+"""Motion node: tracks + frames -> object features and motion tokens per track, at the tracks'
+media time, whatever order frames and tracks arrive in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.messages import EndOfStream, VideoFrame, VisionUpdate
+from engine.testing import run_node
+from nodes.bundle import make_random_bundle
+from nodes.motion import Motion
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.getbasetemp() / "random_bundle"
+    if not (path / "bundle.json").is_file():
+        make_random_bundle(path)
+    return str(path)
+
+
+def frame(i: int) -> tuple[str, VideoFrame]:
+    rng = np.random.default_rng(i)
+    return "video", VideoFrame(stream="video", pts_ns=int(i * 0.125e9),
+                               image=rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def tracks(pts_s: float, n: int) -> tuple[str, VisionUpdate]:
+    boxes = np.array([[4, 4, 30, 40], [34, 4, 60, 40]], np.float32)[:n]
+    return "tracks", VisionUpdate(stream="tracks", pts_ns=int(pts_s * 1e9),
+                                  labels=["violin#1", "flute#1"][:n], track_ids=[1, 2][:n],
+                                  boxes=boxes, arrays={"class_ids": np.array([11, 6][:n])})
+
+
+def run(bundle: str, inputs: list) -> list[VisionUpdate]:
+    out = run_node(Motion(bundle=bundle), inputs)
+    assert isinstance(out[-1][1], EndOfStream)
+    return [m for _, m in out if isinstance(m, VisionUpdate)]
+
+
+def test_features_per_track_do_not_depend_on_arrival_order(bundle: str) -> None:
+    frames = [frame(i) for i in range(16)]
+    # Tracks late (a slow detector) or early (frames lagging): same features.
+    late = run(bundle, [*frames, tracks(0.0, 2), tracks(1.0, 1)])
+    early = run(bundle, [tracks(0.0, 2), frames[0], tracks(1.0, 1), *frames[1:]])
+    assert [u.labels for u in late] == [["violin#1", "flute#1"], ["violin#1"]]
+    for a, b in zip(late, early, strict=True):
+        assert a.pts_ns == b.pts_ns
+        assert a.arrays["obj_feats"].shape == (len(a.labels), 64)
+        assert a.arrays["motion"].shape == (len(a.labels), 4, 64)  # 8 frames / time stride 2
+        np.testing.assert_allclose(a.arrays["obj_feats"], b.arrays["obj_feats"], atol=1e-5)
+        np.testing.assert_allclose(a.arrays["motion"], b.arrays["motion"], atol=1e-5)
+    assert late[0].arrays["class_ids"].tolist() == [11, 6]
+    # The two tracks see different crops.
+    assert not np.allclose(late[0].arrays["obj_feats"][0], late[0].arrays["obj_feats"][1])
+
+
+def test_no_tracks_gives_an_empty_update_and_no_frames_waits(bundle: str) -> None:
+    out = run(bundle, [frame(0), tracks(0.0, 0)])
+    assert out[0].labels == [] and out[0].arrays["obj_feats"].shape == (0, 64)
+    node = Motion(bundle=bundle)
+    got = run_node(node, [tracks(0.0, 1)])  # no frame ever came: nothing to crop
+    assert [type(m).__name__ for _, m in got] == ["EndOfStream"]
+    assert node.counters["updates_without_frames"] == 1
