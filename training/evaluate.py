@@ -1,0 +1,214 @@
+"""Evaluate separators on SynthMUSIC: BSS-eval SDR/SIR/SAR (mir_eval) on the fixed test pairs
+(K=2) and on the ensemble clips, for the mixture itself, the ideal ratio mask, an NMF baseline
+and every trained checkpoint with ground-truth-named and detector-named queries.
+
+    python -m training.evaluate --data data/synth --ckpt sop=runs/sop/best \
+        --ckpt iquery=runs/iquery/best --out results/
+
+Each row is cached as <out>/rows/<row>.json (delete it to recompute); <out>/results.json and
+<out>/results.md gather every row. Long clips are separated by training.separate (windows of
+n_frames, 50% overlap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.spectral import istft, stft
+from training.metrics import bss_eval
+from training.music_data import list_ensembles, load_audio, read_pairs
+from training.separate import Query, separate_wave
+
+# A test item: name, references (K, N), mixture (N,), and per source its feature stems.
+Item = dict
+
+
+def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None
+               ) -> tuple[list[Item], list[Item]]:
+    """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`."""
+    feats = data / "features"
+    n_max = round(seconds * 11025)
+    pairs = []
+    for a, b in read_pairs(data / "test_pairs.csv")[:max_pairs]:
+        wa, wb = load_audio(a), load_audio(b)
+        n = min(len(wa), len(wb), n_max)
+        refs = np.stack([wa[:n], wb[:n]])
+        pairs.append({"name": f"{a.clip_id}+{b.clip_id}", "refs": refs, "mix": refs.sum(0),
+                      "classes": [a.class_name, b.class_name],
+                      "gt": [feats / "gt" / c.class_name / c.clip_id for c in (a, b)],
+                      "det": [[feats / "det" / c.class_name / c.clip_id] for c in (a, b)]})
+    ens = []
+    for e in list_ensembles(data)[:max_ensembles]:
+        mix = load_audio(e.as_clip())
+        n = min(len(mix), n_max)
+        refs = np.stack([load_audio(e.stem_path(c))[:n] for c in e.classes])
+        det_dir = feats / "det" / "ensembles" / e.clip_id
+        ens.append({"name": e.clip_id, "refs": refs, "mix": mix[:n], "classes": e.classes,
+                    "gt": [feats / "gt" / "ensembles" / e.clip_id / c for c in e.classes],
+                    # A stem is estimated by the detected track of its class, if any.
+                    "det": [[det_dir / c] if (det_dir / f"{c}.obj.npy").is_file() else []
+                            for c in e.classes]})
+    return pairs, ens
+
+
+def query_from(stem: Path, names: list[str], class_name: str) -> Query:
+    cls_file = Path(f"{stem}.cls.npy")
+    cls = int(np.load(cls_file)) if cls_file.is_file() else names.index(class_name)
+    return Query(np.load(f"{stem}.obj.npy"), cls, np.load(f"{stem}.motion.npy"))
+
+
+# ------------------------------------------------------------------------------- baselines
+def irm(item: Item) -> np.ndarray:
+    """Ideal ratio mask |S_k| / sum_j |S_j| (clamped to 1) on the mixture, mixture phase."""
+    refs = torch.from_numpy(item["refs"]).float()
+    spec_src = stft(refs)  # (K, 512, T)
+    spec_mix = stft(torch.from_numpy(item["mix"]).float())
+    mask = (spec_src.abs() / spec_src.abs().sum(0, keepdim=True).clamp_min(1e-8)).clamp(0, 1)
+    return istft(mask * spec_mix, refs.shape[-1]).numpy()
+
+
+def nmf_oracle(item: Item, n_components: int = 24, seed: int = 0) -> np.ndarray:
+    """Audio-only NMF (KL, multiplicative updates) of the mixture magnitude; each component is
+    given to the source whose ideal ratio mask holds most of its energy (ORACLE assignment:
+    an upper bound for NMF with a blind clustering), then Wiener-like masks."""
+    from sklearn.decomposition import NMF
+
+    mix = torch.from_numpy(item["mix"]).float()
+    spec_mix = stft(mix)
+    mag = spec_mix.abs().numpy().astype(np.float64) + 1e-9  # (512, T)
+    nmf = NMF(n_components=n_components, beta_loss="kullback-leibler", solver="mu",
+              init="nndsvda", max_iter=200, random_state=seed)
+    w = nmf.fit_transform(mag)  # (512, C)
+    h = nmf.components_  # (C, T)
+    refs = torch.from_numpy(item["refs"]).float()
+    src_mag = stft(refs).abs().numpy()
+    ideal = src_mag / np.maximum(src_mag.sum(0, keepdims=True), 1e-8)  # (K, 512, T)
+    comps = w.T[:, :, None] * h[:, None, :]  # (C, 512, T)
+    owner = np.einsum("cft,kft->ck", comps, ideal).argmax(1)
+    total = comps.sum(0) + 1e-9
+    k = len(refs)
+    masks = np.stack([comps[owner == j].sum(0) / total for j in range(k)])
+    est = torch.from_numpy(masks).float() * spec_mix[None]
+    return istft(est, mix.shape[-1]).numpy()
+
+
+def model_estimates(model: torch.nn.Module, item: Item, naming: str, names: list[str]
+                    ) -> np.ndarray:
+    """Estimates (K, N): each source = the sum of the estimates of its queries (none: silence).
+    All queries of a mixture are decoded in one pass."""
+    queries, owner = [], []
+    for k, stems in enumerate(item[naming] if naming == "det" else
+                              [[s] for s in item["gt"]]):
+        for s in stems:
+            queries.append(query_from(s, names, item["classes"][k]))
+            owner.append(k)
+    out = np.zeros_like(item["refs"])
+    if not queries:
+        return out
+    est = separate_wave(model, item["mix"], queries)
+    for q, k in enumerate(owner):
+        out[k] += est[q]
+    return out
+
+
+# --------------------------------------------------------------------------------- scoring
+def score_row(items: list[Item], estimate: Callable[[Item], np.ndarray]) -> dict:
+    sdr, sir, sar = [], [], []
+    for it in items:
+        m = bss_eval(it["refs"], estimate(it))
+        sdr += m["sdr"].tolist()
+        sir += m["sir"].tolist()
+        sar += m["sar"].tolist()
+    return {"sdr": float(np.mean(sdr)), "sir": float(np.mean(sir)), "sar": float(np.mean(sar)),
+            "sdr_median": float(np.median(sdr)), "n_sources": len(sdr)}
+
+
+def to_markdown(results: dict) -> str:
+    lines = []
+    for part in ("pairs", "ensembles"):
+        rows = results[part]
+        if not rows:
+            continue
+        lines += [f"### {part} ({results['n_' + part]} clips, first {results['seconds']} s)", "",
+                  "| row | SDR | SIR | SAR | SDR median |", "|---|---:|---:|---:|---:|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {r['sdr']:.2f} | {r['sir']:.2f} | {r['sar']:.2f} | "
+                         f"{r['sdr_median']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--ckpt", action="append", default=[],
+                    help="LABEL=PATH of a checkpoint stem (repeatable)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seconds", type=float, default=6.0, help="evaluate the first S seconds")
+    ap.add_argument("--max-pairs", type=int, default=None)
+    ap.add_argument("--max-ensembles", type=int, default=None)
+    ap.add_argument("--baselines", default="mixture,irm,nmf")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from training.instruments import load_vocabulary
+
+    names = [inst.name for inst in load_vocabulary()]
+    pairs, ens = load_items(args.data, args.seconds, args.max_pairs, args.max_ensembles)
+    rows_dir = args.out / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+
+    jobs: list[tuple[str, Callable[[Item], np.ndarray]]] = []
+    base = {"mixture": lambda it: np.stack([it["mix"]] * len(it["refs"])),
+            "irm": irm, "nmf": nmf_oracle}
+    labels = {"mixture": "Mixture", "irm": "Ideal ratio mask (oracle)",
+              "nmf": "NMF, oracle component assignment (upper bound)"}
+    for b in filter(None, args.baselines.split(",")):
+        if b not in base:
+            raise SystemExit(f"error: unknown baseline {b!r}; choose from {sorted(base)}")
+        jobs.append((labels[b], base[b]))
+    for spec in args.ckpt:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"error: --ckpt {spec!r}; expected LABEL=PATH")
+        model, _ = load_checkpoint(path)
+        for naming, desc in (("det", "detector-named"), ("gt", "GT-named")):
+            jobs.append((f"{label} ({desc})",
+                         lambda it, m=model, n=naming: model_estimates(m, it, n, names)))
+
+    results: dict = {"seconds": args.seconds, "n_pairs": len(pairs), "n_ensembles": len(ens),
+                     "pairs": {}, "ensembles": {}, "command": "python -m training.evaluate "
+                     + " ".join(sys.argv[1:])}
+    for label, fn in jobs:
+        for part, items in (("pairs", pairs), ("ensembles", ens)):
+            if not items:
+                continue
+            key = "".join(ch if ch.isalnum() else "_" for ch in label) + f".{part}"
+            cache = rows_dir / f"{key}.json"
+            if cache.is_file():
+                row = json.loads(cache.read_text())
+            else:
+                t0 = time.time()
+                row = score_row(items, fn)
+                row["seconds"] = round(time.time() - t0, 1)
+                cache.write_text(json.dumps(row) + "\n")
+            results[part][label] = row
+            print(f"{part:9s} {label:55s} SDR {row['sdr']:6.2f} SIR {row['sir']:6.2f} "
+                  f"SAR {row['sar']:6.2f}", flush=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(to_markdown(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

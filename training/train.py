@@ -1,0 +1,325 @@
+"""Mix-and-Separate training of iQuery (with or without its motion layer) or Sound-of-Pixels on
+cached visual features:
+
+    python -m training.train --data data/synth --preset cpu --model iquery --minutes 20 \
+        --out runs/iquery
+
+Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p of the warped
+mixture magnitude; AdamW for the transformer, Adam for the audio network; a step LR schedule
+scaled to the budget (x0.1 at 80%); validation SDR on a fixed set of val mixtures, best kept by
+val only. <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no
+pickle), <out>/best.* the best model. torchrun runs it data-parallel (gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.spectral import apply_masks, istft, model_input, stft, warp
+from training.factory import build_model, preset_kwargs
+from training.instruments import load_vocabulary
+from training.metrics import bss_eval
+from training.mixdata import MixSampler, load_solo
+
+MODELS = ("iquery", "iquery_nomotion", "sop")
+
+
+def make_model(name: str, preset: str, **overrides: Any) -> nn.Module:
+    """'iquery' | 'iquery_nomotion' (no motion-aware layer) | 'sop' with the preset's sizes."""
+    if name == "iquery":
+        return build_model(preset, "iquery", **overrides)
+    if name == "iquery_nomotion":
+        return build_model(preset, "iquery", **({"n_motion_layers": 0} | overrides))
+    if name == "sop":
+        return build_model(preset, "sop", **overrides)
+    raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+
+
+def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device
+               ) -> dict[str, Tensor]:
+    """Sampled numpy batch -> model inputs, targets and loss weights (all on device).
+
+    x (B, 1, n_rows, T); target (B, K, n_rows, T) = |S_k| / |S_mix| clamped to [0, 1] on the
+    warped grid; weight (B, 1, n_rows, T) = log1p(|S_mix| warped), clamped to [1e-3, 10]."""
+    src = torch.from_numpy(batch["sources"]).to(device)  # (B, K, N)
+    mix = src.sum(1)
+    spec_mix = stft(mix)  # (B, 512, T)
+    mag_src = warp(stft(src).abs(), n_rows)  # (B, K, rows, T)
+    mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
+    target = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
+    weight = torch.log1p(mag_mix).clamp(1e-3, 10)
+    out = {"x": model_input(spec_mix, n_rows), "target": target, "weight": weight,
+           "spec_mix": spec_mix, "sources": src}
+    for k in ("obj", "class_ids", "motion", "motion_pad"):
+        out[k] = torch.from_numpy(batch[k]).to(device)
+    out["query_pad"] = torch.zeros(out["class_ids"].shape, dtype=torch.bool, device=device)
+    return out
+
+
+def forward(model: nn.Module, t: dict[str, Tensor]) -> Tensor:
+    """-> masks (B, K, n_rows, T)."""
+    return model(t["x"], t["obj"], t["class_ids"], t["motion"], t["motion_pad"], t["query_pad"])
+
+
+def mask_loss(masks: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """Weighted L1 between predicted and ratio masks."""
+    return (weight * (masks - target).abs()).mean()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def make_optimizers(model: nn.Module, lr_transformer: float, lr_audio: float
+                    ) -> list[torch.optim.Optimizer]:
+    """AdamW (wd 1e-4) for the transformer / query side, Adam for the audio U-Net (and, for
+    Sound-of-Pixels, everything: it has no transformer)."""
+    audio, rest = [], []
+    for name, p in _unwrap(model).named_parameters():
+        if p.requires_grad:
+            (audio if name.startswith("unet.") or not hasattr(_unwrap(model), "audio_self")
+             else rest).append(p)
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(audio, lr=lr_audio)]
+    if rest:
+        opts.append(torch.optim.AdamW(rest, lr=lr_transformer, weight_decay=1e-4))
+    return opts
+
+
+# ------------------------------------------------------------------------ resumable state
+def _opt_state(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, Tensor], list]:
+    tensors: dict[str, Tensor] = {}
+    groups = []
+    for i, opt in enumerate(opts):
+        sd = opt.state_dict()
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt{i}.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        groups.append(sd["param_groups"])
+    return tensors, groups
+
+
+def _load_opt_state(opts: list[torch.optim.Optimizer], tensors: dict[str, Tensor],
+                    groups: list) -> None:
+    for i, opt in enumerate(opts):
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, v in tensors.items():
+            if key.startswith(f"opt{i}."):
+                _, pid, k = key.split(".", 2)
+                state.setdefault(int(pid), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": groups[i]})
+
+
+def save_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer],
+               sampler: MixSampler, info: dict[str, Any]) -> None:
+    """Write a resumable state to `folder` atomically: build it in a sibling temp folder, then
+    swap it in (a kill at any point leaves `folder` or `folder`.old complete)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_checkpoint(tmp / "model", _unwrap(model), {"step": info["step"]})
+    tensors, groups = _opt_state(opts)
+    tensors["torch_rng"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "train.safetensors"))
+    (tmp / "train.json").write_text(json.dumps(
+        info | {"param_groups": groups, "sampler_rng": sampler.rng.bit_generator.state},
+        indent=1) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer],
+               sampler: MixSampler) -> dict[str, Any]:
+    """Restore what save_state wrote (falls back to `folder`.old after an interrupted swap)."""
+    if not (folder / "train.json").is_file():
+        folder = folder.with_name(folder.name + ".old")
+    saved, _ = load_checkpoint(folder / "model")
+    _unwrap(model).load_state_dict(saved.state_dict())
+    info = json.loads((folder / "train.json").read_text())
+    tensors = load_file(str(folder / "train.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng"))
+    _load_opt_state(opts, tensors, info.pop("param_groups"))
+    sampler.rng.bit_generator.state = info.pop("sampler_rng")
+    return info
+
+
+def has_state(folder: Path) -> bool:
+    return (folder / "train.json").is_file() or (
+        folder.with_name(folder.name + ".old") / "train.json").is_file()
+
+
+# ------------------------------------------------------------------------------ validation
+@torch.no_grad()
+def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows: int,
+             device: torch.device) -> dict[str, float]:
+    """Mean SDR/SIR/SAR (dB) and loss over fixed val mixtures (one window each)."""
+    was = model.training
+    model.eval()
+    sdr, sir, sar, losses = [], [], [], []
+    for batch in val_batches:
+        t = to_tensors(batch, n_rows, device)
+        masks = forward(model, t)
+        losses.append(float(mask_loss(masks, t["target"], t["weight"])))
+        est = istft(apply_masks(masks, t["spec_mix"]), t["sources"].shape[-1]).cpu().numpy()
+        ref = t["sources"].cpu().numpy()
+        for b in range(len(ref)):
+            m = bss_eval(ref[b], est[b])
+            sdr += list(m["sdr"])
+            sir += list(m["sir"])
+            sar += list(m["sar"])
+    model.train(was)
+    return {"sdr": float(np.mean(sdr)), "sir": float(np.mean(sir)), "sar": float(np.mean(sar)),
+            "loss": float(np.mean(losses))}
+
+
+def lr_factor(progress: float) -> float:
+    """Step schedule scaled to the budget: x0.1 after 80% of it."""
+    return 0.1 if progress >= 0.8 else 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--model", default="iquery", choices=MODELS)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--minutes", type=float, default=None, help="wall-time budget")
+    ap.add_argument("--steps", type=int, default=None, help="step budget (first reached ends)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--n-mix", type=int, default=2, help="K solo clips per mixture (2 or 3)")
+    ap.add_argument("--lr-transformer", type=float, default=1e-4)
+    ap.add_argument("--lr-audio", type=float, default=1e-3)
+    ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--val-mixtures", type=int, default=48)
+    ap.add_argument("--features", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.minutes is None and args.steps is None:
+        ap.error("give --minutes and/or --steps")
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    """The training loop behind the command line."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                          if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed + rank)
+    names = [inst.name for inst in load_vocabulary()]
+    model = make_model(args.model, args.preset).to(device)
+    n_rows, n_frames = model.n_rows, model.n_frames
+    sampler = MixSampler(load_solo(args.data, "train", names, args.features), n_frames,
+                         args.n_mix, seed=args.seed * 1000 + rank)
+    val_sampler = MixSampler(load_solo(args.data, "val", names, args.features), n_frames,
+                             args.n_mix, seed=12345, gain_db=0.0)
+    val_batches = [val_sampler.sample(min(8, args.val_mixtures - i))
+                   for i in range(0, args.val_mixtures, 8)]
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+    opts = make_optimizers(model, args.lr_transformer, args.lr_audio)
+    base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_dir = args.out / "last"
+    info: dict[str, Any] = {"step": 0, "elapsed": 0.0, "best_sdr": -1e9, "best_step": -1,
+                            "history": []}
+    if has_state(state_dir):
+        info = load_state(state_dir, model, opts, sampler)
+        if rank == 0:
+            print(f"resumed from {state_dir} at step {info['step']}", flush=True)
+    writer = SummaryWriter(str(args.out / "tb")) if rank == 0 else None
+    budget_s = args.minutes * 60 if args.minutes is not None else float("inf")
+    max_steps = args.steps if args.steps is not None else 10 ** 9
+    meta = {"model": args.model, "preset": args.preset,
+            "kwargs": preset_kwargs(args.preset, "sop" if args.model == "sop" else "iquery"),
+            "data": str(args.data), "command": "python -m training.train " + " ".join(
+                sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
+            "world_size": world}
+    bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
+               disable=rank != 0 or args.no_progress, mininterval=5)
+    model.train()
+    t_start = time.time() - info["elapsed"]
+    while True:
+        elapsed = time.time() - t_start
+        # Every rank stops at the same step: rank 0's clock decides.
+        stop = torch.tensor([int(info["step"] >= max_steps or elapsed >= budget_s)])
+        if world > 1:
+            torch.distributed.broadcast(stop, 0)
+        if stop.item():
+            break
+        progress = max(info["step"] / max_steps, elapsed / budget_s)
+        for o, lrs in zip(opts, base_lrs, strict=True):
+            for g, lr in zip(o.param_groups, lrs, strict=True):
+                g["lr"] = lr * lr_factor(progress)
+        t = to_tensors(sampler.sample(args.batch), n_rows, device)
+        loss = mask_loss(forward(model, t), t["target"], t["weight"])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        info["step"] += 1
+        bar.update(1)
+        if writer is not None:
+            writer.add_scalar("train/loss", loss.item(), info["step"])
+        last = info["step"] >= max_steps or time.time() - t_start >= budget_s
+        if rank == 0 and (info["step"] % args.val_every == 0 or last):
+            v = validate(_unwrap(model), val_batches, n_rows, device)
+            info["elapsed"] = time.time() - t_start
+            info["history"].append({"step": info["step"], "elapsed": round(info["elapsed"], 1),
+                                    "loss": loss.item()} | v)
+            for k, val in v.items():
+                writer.add_scalar(f"val/{k}", val, info["step"])
+            bar.write(f"step {info['step']} loss {loss.item():.4f} val sdr {v['sdr']:.2f} "
+                      f"sir {v['sir']:.2f} sar {v['sar']:.2f} ({info['elapsed']:.0f} s)")
+            if v["sdr"] > info["best_sdr"]:
+                info["best_sdr"], info["best_step"] = v["sdr"], info["step"]
+                save_checkpoint(args.out / "best", _unwrap(model),
+                                meta | {"step": info["step"], "val": v})
+            save_state(state_dir, model, opts, sampler, info)
+    bar.close()
+    if rank == 0:
+        info["elapsed"] = time.time() - t_start
+        save_state(state_dir, model, opts, sampler, info)
+        (args.out / "summary.json").write_text(json.dumps(
+            meta | {k: info[k] for k in ("step", "elapsed", "best_sdr", "best_step",
+                                          "history")}, indent=1) + "\n")
+        print(f"done: {info['step']} steps in {info['elapsed']:.0f} s, best val SDR "
+              f"{info['best_sdr']:.2f} dB at step {info['best_step']}", flush=True)
+        writer.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
