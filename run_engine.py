@@ -184,28 +184,48 @@ def graph_toml(nodes: dict[str, tuple[str, dict[str, Any], int | None]],
 
 def _tee_stdin(fifos: list[str]) -> threading.Thread:
     """Copy stdin into every FIFO (the audio and the video node each read one): a pipe is read
-    once, as it arrives, and both paths stream."""
-    def run() -> None:
-        outs = []
-        for f in fifos:
-            outs.append(open(f, "wb", buffering=0))  # noqa: SIM115  (closed below)
+    once, as it arrives, and both paths stream. Each FIFO has its own writer thread and queue,
+    so a reader that is slow to open (or never does) cannot stall the other."""
+    import queue
+
+    queues: list[queue.Queue] = [queue.Queue(maxsize=256) for _ in fifos]  # 16 MB each
+
+    def discard(q: queue.Queue) -> None:
+        try:
+            queues.remove(q)
+        except ValueError:  # the other thread was first
+            pass
+
+    def write(path: str, q: queue.Queue) -> None:
+        try:
+            with open(path, "wb", buffering=0) as f:  # blocks until the node opens it
+                while (data := q.get()) is not None:
+                    f.write(data)
+        except OSError:  # that reader ended (e.g. an input without video)
+            pass
+        finally:
+            while True:  # let the reader of stdin go on
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            discard(q)
+
+    def read() -> None:
         src = sys.stdin.buffer
-        while outs:
+        while queues:
             data = src.read1(1 << 16) if hasattr(src, "read1") else src.read(1 << 16)
+            for q in list(queues):
+                try:
+                    q.put(data or None, timeout=60)
+                except queue.Full:  # a reader that stopped reading for a minute
+                    discard(q)
             if not data:
                 break
-            for o in list(outs):
-                try:
-                    o.write(data)
-                except (BrokenPipeError, OSError):  # that reader ended (e.g. no video stream)
-                    outs.remove(o)
-        for o in outs:
-            try:
-                o.close()
-            except OSError:
-                pass
 
-    t = threading.Thread(target=run, name="stdin-tee", daemon=True)
+    for path, q in zip(fifos, queues, strict=True):
+        threading.Thread(target=write, args=(path, q), name="fifo-writer", daemon=True).start()
+    t = threading.Thread(target=read, name="stdin-tee", daemon=True)
     t.start()
     return t
 
@@ -244,6 +264,8 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
     if video_url:
         nodes["camera"] = ("nodes.video:CameraSource", {
             "url": video_url, "fps": fps, "realtime": args.realtime and not live,
+            # A file or FIFO may wait on the audio path (a pipe is shared): no early give-up.
+            "open_timeout_s": 10.0 if live else 120.0, "read_timeout_s": 5.0 if live else 120.0,
             "format": audio_src.get("format") if video_url == audio_src.get("path") else None},
             0)
         nodes["detector"] = ("nodes.detector:Detector", {
@@ -438,7 +460,6 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (1 if name == "block" else 0):
             raise UsageError(f"--{name} {v} is out of range")
-    bundle, info, random_bundle = bundle_info(args.bundle)
     live = args.input.startswith("mic")
     fifo_dir = None
     duration_s = None
@@ -477,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
                 log("no video stream: separating with the fallback class queries")
         elif args.video != "none":
             video_url = args.video
+    bundle, info, random_bundle = bundle_info(args.bundle)
     if args.out is None and not live and not args.monitor and not args.tap:
         args.out = "sep"
     out_dir = Path(args.out).resolve() if args.out else None

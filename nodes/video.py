@@ -176,4 +176,6 @@ class CameraSource(Node):
         """Stop the decoding thread (it closes the input)."""
         self._halt.set()
         if self._thread is not None:
-            self._thread.join(timeout=max(2.0, self.read_timeout_s + 1))
+            # A read blocked in FFmpeg ends at its timeout; the thread is a daemon, so the
+            # process need not wait for it (the launcher's grace before SIGKILL is 5 s).
+            self._thread.join(timeout=2.0)
