@@ -387,7 +387,7 @@ def print_table(summary: dict[str, Any], sdr: dict[str, float] | None = None) ->
     print(f"{'instrument':<22} {'output file':<44} {'SDR dB':>7}")
     for inst in summary["instruments"]:
         s = f"{sdr[inst['label']]:7.2f}" if sdr and inst["label"] in sdr else f"{'-':>7}"
-        print(f"{inst['label']:<22} {str(inst['file'] or '-'):<44} {s}")
+        print(f"{inst['label']:<22} {inst['file'] or '-'!s:<44} {s}")
     if not summary["instruments"]:
         print("(no instrument found)")
     rtf = f"{t['rtf']:.3f}" if t["rtf"] is not None else "-"

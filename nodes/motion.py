@@ -10,6 +10,7 @@ waits (queued) until a frame at or after its time is in the ring, or the video h
 from __future__ import annotations
 
 from collections import deque
+
 import numpy as np
 
 from engine.messages import EndOfStream, Message, VideoFrame, VisionUpdate

@@ -11,7 +11,7 @@ import torch
 
 from engine.messages import AudioChunk, EndOfStream, Masks, SpecFrames, VisionUpdate
 from engine.testing import run_node
-from models.spectral import apply_masks, istft, stft
+from models.spectral import istft, stft
 from models.streaming import sliding_masks
 from nodes.bundle import make_random_bundle
 from nodes.overlap_add import OverlapAdd

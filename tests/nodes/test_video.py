@@ -99,8 +99,8 @@ def test_tcp_stream_that_dies_ends_without_hang(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        ["ffmpeg", "-loglevel", "error", "-re", "-i", str(clip), "-c:v", "mpeg2video", "-f", "mpegts",
-         f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL)
+        ["ffmpeg", "-loglevel", "error", "-re", "-i", str(clip), "-c:v", "mpeg2video",
+         "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL)
     try:
         time.sleep(1.0)  # ffmpeg listening
         node = CameraSource(url=f"tcp://127.0.0.1:{port}", fps=8, read_timeout_s=2.0)
