@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository packages
 
-import run_engine
-from engine.launcher import Launcher
 
 
 def rss_mb(pid: int) -> float | None:
