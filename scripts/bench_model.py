@@ -207,7 +207,7 @@ def bench(args: argparse.Namespace) -> None:
     window_ms = 1e3 * BLOCK * HOP / SAMPLE_RATE
     jobs = {
         "paper: separate one 6 s clip (1 window 256x256, 2 sources)": (clip_fn(paper), 2),
-        "cpu: separate one 6 s clip (4 windows 256x64, batched)": (clip_fn(cpu), 5),
+        "cpu: separate one 6 s clip (4 windows 128x64, batched)": (clip_fn(cpu), 5),
         f"cpu: streaming step, model only (window {cpu.n_frames}, 2 sources)":
             (StreamStep(cpu, model_only=True), 20),
         f"cpu: streaming step, STFT->model->iSTFT (block {BLOCK} = {window_ms:.0f} ms audio)":

@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mask_dim": 32, "n_classes": 12, "n_queries": 16, "obj_dim": 512, "motion_dim": 512,
         "dropout": 0.1},
     "cpu": {
-        "n_rows": 256, "n_frames": 64, "ngf": 16, "unet_depth": 6, "token_stride": 16,
+        "n_rows": 128, "n_frames": 64, "ngf": 16, "unet_depth": 6, "token_stride": 16,
         "d_model": 128, "n_heads": 4, "d_ffn": 512, "n_motion_layers": 1, "n_audio_layers": 3,
         "mask_dim": 32, "n_classes": 12, "n_queries": 16, "obj_dim": 512, "motion_dim": 512,
         "dropout": 0.1},
