@@ -266,6 +266,8 @@ class IQuery(nn.Module):
             raise ValueError(f"class ids must be in [0, {self.n_ids}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         queries = F.embedding(ids, self.query_table()) + self.obj_proj(obj_feats)  # (B, Q, D)
+        if len(self.motion_cross) == 0:  # the no-motion ablation
+            return QueryCache(queries=queries, query_pad=query_pad)
         # Each query attends to its own track only: fold the slots into the batch.
         x = queries.reshape(b * q, 1, self.d_model)
         mem = self.motion_proj(motion).reshape(b * q, tm, self.d_model)
