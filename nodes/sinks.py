@@ -4,6 +4,9 @@
   is rewritten after every chunk, so the file is valid at any moment (a crash loses at most the
   chunk being written). Chunks are placed on the stream's sample clock: a stream that starts at
   sample k gets k leading zeros, a gap in ``sample_index`` is zero-filled and counted.
+  With ``latency_log`` set it also records, per chunk, when its samples were written
+  (``time.monotonic()`` after the flush) and writes them as JSON at stop: joined with a source's
+  capture log (nodes.sources) this is the capture-to-output latency of every sample.
 * MonitorSink: a sounddevice OutputStream; one stream id per output channel.
 * TapSink: re-publishes AudioChunks on a ZeroMQ PUB socket with the engine codec (topic
   ``audio/<stream>``), bound on loopback unless CURVE keys are given.
@@ -11,9 +14,11 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import struct
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +84,19 @@ class WavSink(Node):
     """One WAV file per stream id in ``out_dir``."""
 
     inputs = {"audio": "pull"}
+    MAX_LOGGED_CHUNKS = 1_000_000  # per stream: 24 MB at most, hours of 256-sample chunks
 
-    def __init__(self, *, out_dir: str, dtype: str = "float32", sample_rate: int = 11025) -> None:
+    def __init__(self, *, out_dir: str, dtype: str = "float32", sample_rate: int = 11025,
+                 latency_log: str | None = None) -> None:
         super().__init__()
         if dtype not in WAV_DTYPES:
             raise ValueError(f"WavSink dtype {dtype!r}; allowed: {list(WAV_DTYPES)}")
         self.out_dir = Path(out_dir)
         self.dtype = dtype
         self.sample_rate = sample_rate
+        self.latency_log = latency_log
         self.files: dict[str, WavWriter] = {}
+        self.writes: dict[str, array] = {}  # stream -> flat (first sample, n, t_written) triples
 
     def start(self) -> None:
         """Create the output directory."""
@@ -110,16 +119,26 @@ class WavSink(Node):
                 msg.samples = np.nan_to_num(msg.samples, nan=0.0, posinf=0.0, neginf=0.0)
             w.write(msg.samples[max(0, w.n_samples - msg.sample_index):])
             self.counters["samples"] += len(msg.samples)
+            if self.latency_log is not None:
+                log = self.writes.setdefault(msg.stream, array("d"))
+                if len(log) < 3 * self.MAX_LOGGED_CHUNKS:
+                    log.extend((msg.sample_index, len(msg.samples), self.clock()))
         elif isinstance(msg, EndOfStream) and msg.stream in self.files:
             self.files.pop(msg.stream).close()
             self.counters["closed"] += 1
         return ()
 
     def stop(self) -> None:
-        """Close every file with a final header."""
+        """Close every file with a final header; write the latency log."""
         for w in self.files.values():
             w.close()
         self.files.clear()
+        if self.latency_log is not None:
+            writes = {k: np.frombuffer(v, np.float64).reshape(-1, 3).tolist()
+                      for k, v in self.writes.items() if len(v)}
+            Path(self.latency_log).write_text(json.dumps({
+                "clock": "monotonic", "sample_rate": self.sample_rate,
+                "columns": ["sample_index", "n_samples", "t_written"], "writes": writes}))
 
 
 class MonitorSink(Node):

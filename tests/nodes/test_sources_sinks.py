@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,69 @@ def test_monitor_sink_with_a_fake_device(monkeypatch):
     assert np.all(out[:44, 0] == 1.0) and np.all(out[44:, 0] == 0.0)
     assert node.counters["underrun_samples"] == 256 + 256 + 212
     node.stop()
+
+
+def test_realtime_blocks_leave_when_due_and_log_their_capture_time(tmp_path):
+    wavfile.write(tmp_path / "r.wav", SR, np.zeros(3000, np.float32))
+    clock = ManualClock(100.0)
+    log = tmp_path / "capture.json"
+    node = FileSource(path=str(tmp_path / "r.wav"), block=1024, realtime=True,
+                      capture_log=str(log))
+    node.clock = clock
+    node.start()
+    got: list[tuple[float, AudioChunk]] = []
+    try:
+        for _ in range(400):
+            for _, m in node.tick():
+                if isinstance(m, AudioChunk):
+                    got.append((clock.now, m))
+            if node.exhausted:
+                break
+            clock.advance(0.001)
+            time.sleep(0.0005)  # let the decoding thread fill its queue
+    finally:
+        node.stop()
+    assert node.exhausted and [m.sample_index for _, m in got] == [0, 1024, 2048]
+    for t, m in got:  # never before its last sample exists, at most one tick after
+        due = 100.0 + (m.sample_index + len(m.samples)) / SR
+        assert due - 1e-9 <= t <= due + 0.0011
+    anchors = json.loads(log.read_text())["anchors"]
+    assert anchors == [[i, pytest.approx(100.0 + i / SR)] for i in (0, 1024, 2048)]
+
+
+def test_mic_capture_times_from_adc_time_or_buffer_length(monkeypatch, tmp_path):
+    class FakeStream:
+        def __init__(self, *, samplerate, callback, finished_callback, **kw):
+            self.cb, self.fin = callback, finished_callback
+
+        def start(self):
+            t = types.SimpleNamespace(inputBufferAdcTime=50.0, currentTime=50.03)
+            self.cb(np.zeros((2205, 1), np.float32), 2205, t, None)  # ADC time: 30 ms ago
+            self.cb(np.zeros((2205, 1), np.float32), 2205, None, None)  # none: one buffer ago
+            self.fin()
+
+        def close(self):
+            pass
+
+    fake = types.SimpleNamespace(InputStream=FakeStream,
+                                 query_devices=lambda d, k: {"default_samplerate": 22050.0})
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    node = MicSource(block=512, capture_log=str(tmp_path / "c.json"))
+    run_node(node, clock=ManualClock(7.0))
+    log = json.loads((tmp_path / "c.json").read_text())
+    assert log["anchors"] == [[0.0, pytest.approx(6.97)], [1102.5, pytest.approx(6.9)]]
+    assert node.counters["capture_time_fallback"] == 1
+
+
+def test_wav_sink_logs_when_each_chunk_is_written(tmp_path):
+    clock = ManualClock(5.0)
+    sink = WavSink(out_dir=str(tmp_path / "o"), latency_log=str(tmp_path / "w.json"))
+    sink.clock = clock
+    sink.start()
+    for i in range(2):
+        clock.advance(0.1)
+        sink.handle("audio", AudioChunk(stream="a#1", sample_index=256 * i,
+                                        samples=np.zeros(256, np.float32)))
+    sink.stop()
+    log = json.loads((tmp_path / "w.json").read_text())
+    assert log["writes"] == {"a#1": [[0, 256, pytest.approx(5.1)], [256, 256, pytest.approx(5.2)]]}
