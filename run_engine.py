@@ -42,6 +42,8 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iquery
 SAMPLE_RATE = 11025  # the engine's audio rate (models.spectral.SAMPLE_RATE)
 HOP, N_FFT = 256, 1022
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_INSTRUMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Written into the run dir by the audio source and the WAV sink (nodes.sources, nodes.sinks).
+CAPTURE_LOG, WRITE_LOG = "audio.capture.json", "wav.writes.json"
 
 
 class UsageError(Exception):
@@ -245,13 +247,16 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
     edges: list[tuple[str, str]] = []
     # A source that crashed cannot resume where it was (a pipe, a file re-read from the start
     # would repeat audio): no restarts, the run ends with the error.
+    capture_log = str(run_dir / CAPTURE_LOG)
     if audio_src["kind"] == "mic":
         nodes["audio"] = ("nodes.sources:MicSource",
-                          {"device": audio_src.get("device"), "block": block * HOP}, 0)
+                          {"device": audio_src.get("device"), "block": block * HOP,
+                           "capture_log": capture_log}, 0)
     else:
         nodes["audio"] = ("nodes.sources:FileSource",
                           {"path": audio_src["path"], "block": block * HOP,
-                           "realtime": args.realtime, "format": audio_src.get("format")}, 0)
+                           "realtime": args.realtime, "format": audio_src.get("format"),
+                           "capture_log": capture_log}, 0)
     nodes["stft"] = ("nodes.stft:STFT", {"block": block}, None)
     nodes["separator"] = ("nodes.separator:Separator", {
         "bundle": str(bundle), "backend": args.backend, "device": args.device,
@@ -278,7 +283,8 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
                   ("detector.tracks", "motion.tracks"), ("motion.vision", "separator.vision")]
     sinks = []
     if args.out:
-        nodes["wav"] = ("nodes.sinks:WavSink", {"out_dir": str(Path(args.out).resolve())}, None)
+        nodes["wav"] = ("nodes.sinks:WavSink", {"out_dir": str(Path(args.out).resolve()),
+                                                "latency_log": str(run_dir / WRITE_LOG)}, None)
         sinks.append("wav")
     if args.monitor:
         label = args.monitor if ("#" in args.monitor or fallback) else f"{args.monitor}#1"
@@ -325,9 +331,77 @@ def sdr_db(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(10 * np.log10((np.sum(s ** 2) + 1e-12) / (np.sum((s - e) ** 2) + 1e-12)))
 
 
+def algorithmic_latency_ms(source_block: int, block: int, lookahead: int,
+                           stft_block: int | None = None) -> dict[str, Any]:
+    """The algorithmic (zero-compute) capture-to-output latency of each sample, in ms.
+
+    Follows the chain exactly: the source sends ``source_block`` samples once the last of
+    them is captured; the STFT (centred frames of N_FFT, hop HOP) completes frame f with input
+    sample f * HOP + N_FFT // 2 - 1 and sends ``stft_block`` (default ``block``) frames per
+    message; the separator emits frames [e, e + block) once frame e + block + lookahead - 1 has
+    arrived; overlap-add makes sample i final once every frame touching it is in. The parts
+    overlap (a source block fills while the separator's block does), so no sum of them is the
+    latency: this is computed per sample over one period of the schedule. ``total`` is the
+    worst sample's, the bound that a p95/p99 of the measured latency compares with.
+    """
+    import math
+
+    stft_block = stft_block or block
+    pad = N_FFT // 2  # models.spectral.PAD: frame f is centred on sample f * HOP
+    period = math.lcm(source_block, block * HOP, stft_block * HOP)
+    i = np.arange(2 * period, 4 * period, dtype=np.int64)  # away from the stream's start
+    last_frame = (i + pad) // HOP  # the last frame that touches sample i
+    emitted = block * -(-(last_frame + 1) // block)  # frames out when it is final
+    need = stft_block * -(-(emitted + lookahead) // stft_block)  # frames the STFT must send
+    need_samples = (need - 1) * HOP + pad  # input samples that complete frame need - 1
+    sent = source_block * -(-need_samples // source_block)  # ... as whole source blocks
+    ms = (sent - i) * 1000.0 / SAMPLE_RATE
+    return {"min": float(ms.min()), "p50": float(np.percentile(ms, 50)),
+            "mean": float(ms.mean()), "total": float(ms.max()),
+            "settings": {"source_block": source_block, "block": block, "lookahead": lookahead,
+                         "stft_block": stft_block},
+            "lookahead_part": lookahead * HOP * 1000.0 / SAMPLE_RATE}
+
+
+def capture_latency_ms(run_dir: Path, skip_s: float = 0.0, stride: int = 8
+                       ) -> dict[str, Any] | None:
+    """Capture-to-output latency of the separated samples (ms), from the source's capture log
+    and the WAV sink's write log: per output sample i, (when the sink wrote it) - (when input
+    sample i was captured). Every ``stride``-th sample of the streams counts; samples of the
+    first ``skip_s`` seconds are left out. None when a log is missing or the source had no
+    capture clock (a file read as fast as possible)."""
+    try:
+        cap = json.loads((run_dir / CAPTURE_LOG).read_text())
+        writes = json.loads((run_dir / WRITE_LOG).read_text())["writes"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if cap.get("method") == "emit time" or not cap.get("anchors") or not writes:
+        return None
+    anchors = np.asarray(cap["anchors"], np.float64)  # (M, 2): sample index, capture time
+    anchors = anchors[np.argsort(anchors[:, 0], kind="stable")]
+    lat = []
+    for rows in writes.values():
+        for first, n, t_written in rows:
+            idx = np.arange(first, first + n, stride, dtype=np.float64)
+            idx = idx[idx >= skip_s * SAMPLE_RATE]
+            if not idx.size:
+                continue
+            # The newest anchor at or before each sample: a sound card's clock drifts against
+            # the monotonic clock, so never extrapolate across a whole run.
+            a = np.clip(np.searchsorted(anchors[:, 0], idx, side="right") - 1, 0, None)
+            captured = anchors[a, 1] + (idx - anchors[a, 0]) / SAMPLE_RATE
+            lat.append(t_written - captured)
+    if not lat:
+        return None
+    ms = np.concatenate(lat) * 1000.0
+    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+            "n": int(ms.size), "stride": stride, "skip_s": skip_s, "clock": cap.get("method")}
+
+
 def make_summary(result: dict[str, Any], run_dir: Path, out_dir: Path | None,
                  duration_s: float | None, block: int, lookahead: int,
-                 extra: dict[str, Any]) -> dict[str, Any]:
+                 extra: dict[str, Any], source_block: int | None = None) -> dict[str, Any]:
     """summary.json: instruments (files, seen/separated spans), timings, counters."""
     def report(name: str) -> dict[str, Any]:
         p = run_dir / f"{name}.report.json"
@@ -352,11 +426,7 @@ def make_summary(result: dict[str, Any], run_dir: Path, out_dir: Path | None,
     sep_compute = counters.get("separator", {}).get("compute_us", 0) / 1e6
     lat = result.get("latency", {})
     e2e = lat.get("end_to_end", {})
-    src_block = block * HOP
-    algo = {"stft_frame": N_FFT, "block": (block - 1) * HOP, "lookahead": lookahead * HOP,
-            "source_block": src_block}
-    algo_ms = {k: v * 1000.0 / SAMPLE_RATE for k, v in algo.items()}
-    algo_ms["total"] = sum(algo_ms.values())
+    algo_ms = algorithmic_latency_ms(source_block or block * HOP, block, lookahead)
     return {
         **extra,
         "reason": result["reason"], "error": result["error"],
@@ -372,6 +442,10 @@ def make_summary(result: dict[str, Any], run_dir: Path, out_dir: Path | None,
             "end_to_end_ms": {k: e2e.get(k) for k in ("p50", "p95", "p99", "n")},
             "end_to_end_note": "compute + queueing from the source's emit to the sink; "
                                "algorithmic latency not included (see algorithmic_ms)",
+            "capture_to_output_ms": capture_latency_ms(run_dir),
+            "capture_to_output_note": "per output sample: WAV write time - capture time of "
+                                      "the same input sample (everything: algorithmic, "
+                                      "compute, queueing; real-time inputs only)",
             "algorithmic_ms": algo_ms,
         },
         "separator": {k: sep.get(k) for k in ("window", "block", "lookahead", "backend",
@@ -396,8 +470,13 @@ def print_table(summary: dict[str, Any], sdr: dict[str, float] | None = None) ->
            else "-")
     print(f"RTF (separator compute / audio) {rtf}; wall {t['wall_s']:.1f} s for "
           f"{summary['duration_s'] or 0:.2f} s of audio")
-    print(f"end-to-end latency (compute + queueing) {lat}; algorithmic "
-          f"{t['algorithmic_ms']['total']:.0f} ms (frame + block + lookahead + source block)")
+    a = t["algorithmic_ms"]
+    print(f"end-to-end latency (compute + queueing) {lat}; algorithmic p50 {a['p50']:.0f} ms, "
+          f"worst {a['total']:.0f} ms (source block, frame, block, lookahead; zero compute)")
+    c2o = t.get("capture_to_output_ms")
+    if c2o:
+        print(f"capture-to-output latency p50 {c2o['p50']:.1f} ms, p95 {c2o['p95']:.1f} ms, "
+              f"p99 {c2o['p99']:.1f} ms (input captured -> WAV written, all parts)")
 
 
 def list_devices() -> int:

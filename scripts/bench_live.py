@@ -1,20 +1,27 @@
 """Live-path benchmark: a clip played in real time through the whole engine (file source paced at
-its media rate, camera path from the same file), measuring RTF, end-to-end latency and the RSS
-of every node process over time.
+its media rate, camera path from the same file), measuring RTF, capture-to-output latency and
+the RSS of every node process over time.
 
-    python scripts/bench_live.py --seconds 60              # short default
-    python scripts/bench_live.py --seconds 600             # the issue's 10-minute number
+    python scripts/bench_live.py --seconds 60                     # short default
+    python scripts/bench_live.py --seconds 600                    # the issue's 10-minute number
+    python scripts/bench_live.py --block 2 --lookahead 2          # other streaming settings
+    python scripts/bench_live.py --analyze RUN_DIR                # latency of any earlier run
 
 The clip loops a generated 2-instrument SynthMUSIC ensemble (or --clip FILE) to --seconds.
-Latency is reported in two parts: measured (compute + queueing, from the source's emit of the
-audio that completes a step to the WAV sink) and algorithmic (STFT frame + block + lookahead +
-source block), which no implementation can remove.
+Latency is measured directly, per output sample: (when the WAV sink wrote it) - (when the same
+input sample was captured: start + index / 11025 for the real-time file; the sound card's ADC
+time for a microphone). Beside it: the algorithmic lower bound of the same settings (the
+zero-compute chain: source block, centred STFT frame, separator block, lookahead, overlap-add;
+run_engine.algorithmic_latency_ms), and the old trail figure (compute + queueing from the
+source's emit to the sink).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository packages
-
+HOP = 256
 
 
 def rss_mb(pid: int) -> float | None:
@@ -39,28 +46,43 @@ def rss_mb(pid: int) -> float | None:
 
 
 def looped_clip(clip: Path, seconds: float, out: Path) -> Path:
-    """``clip`` repeated to ``seconds`` (ffmpeg stream loop, no re-encode of the audio)."""
+    """``clip`` repeated to ``seconds`` (ffmpeg stream loop, no re-encode)."""
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(clip),
                     "-t", str(seconds), "-c", "copy", str(out)], check=True)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print a JSON report."""
+def latency_report(run_dir: Path, skip_s: float) -> dict:
+    """Measured capture-to-output latency (all samples, and after ``skip_s``) of a run dir."""
     import run_engine
-    from engine.launcher import Launcher
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=60.0, help="audio duration (default 60)")
-    ap.add_argument("--clip", default=None, help="media file to loop (default: the demo clip)")
-    ap.add_argument("--bundle", default=str(ROOT / "models" / "checkpoints" / "cpu"))
-    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    ap.add_argument("--block", type=int, default=None)
-    ap.add_argument("--lookahead", type=int, default=None)
-    ap.add_argument("--warmup", type=float, default=20.0,
-                    help="seconds after which memory growth is measured (default 20)")
-    ap.add_argument("--json", default=None, help="also write the report here")
-    args = ap.parse_args(argv)
+    return {"all": run_engine.capture_latency_ms(run_dir),
+            f"after_{skip_s:g}s": run_engine.capture_latency_ms(run_dir, skip_s=skip_s)}
+
+
+def memory_report(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict:
+    """RSS per node after warm-up and at the end, and the growth between them (MB)."""
+    after = [s for s in samples if s[0] >= warmup]
+    if len(after) < 2:
+        return {"note": f"run shorter than the warm-up ({warmup} s): no growth figure"}
+    first, last = after[0][1], after[-1][1]
+    growth = {n: round(last[n] - first[n], 1) for n in first if n in last}
+    peak = {n: round(max(s[1].get(n, 0.0) for s in after), 1) for n in first}
+    return {"from_s": round(after[0][0], 1), "to_s": round(after[-1][0], 1),
+            "rss_mb_after_warmup": {n: round(v, 1) for n, v in first.items()},
+            "rss_mb_end": {n: round(v, 1) for n, v in last.items()},
+            "rss_mb_peak": peak, "growth_mb": growth,
+            "growth_mb_total": round(sum(growth.values()), 1),
+            "total_mb_after_warmup": round(sum(first.values()), 1)}
+
+
+def run_live(args: argparse.Namespace) -> dict:
+    """One real-time run of the default graph on the looped clip; returns the report."""
+    import tomllib
+
+    import run_engine
+    from engine.graph import parse_graph
+    from engine.launcher import Launcher
 
     work = Path(tempfile.mkdtemp(prefix="iq-bench-"))
     clip = Path(args.clip) if args.clip else run_engine.demo_clip(run_engine.CACHE / "demo")
@@ -72,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else [])])
     run_dir = work / "run"
     run_dir.mkdir()
-    toml = run_engine.default_graph(ns, bundle, info, run_dir,
-                                    {"kind": "file", "path": str(clip)}, str(clip), live=False)
-    import tomllib
-
-    from engine.graph import parse_graph
-
-    launcher = Launcher(parse_graph(tomllib.loads(toml), str(run_dir)), run_dir)
+    block = ns.block or info["stream"]["block"]
+    lookahead = info["stream"]["lookahead"] if ns.lookahead is None else ns.lookahead
+    spec = tomllib.loads(run_engine.default_graph(
+        ns, bundle, info, run_dir, {"kind": "file", "path": str(clip)}, str(clip), live=False))
+    source_block = args.source_block or block * HOP
+    spec["nodes"]["audio"]["params"]["block"] = source_block
+    launcher = Launcher(parse_graph(spec, str(run_dir)), run_dir)
+    load_before = os.getloadavg()
     launcher.start()
     samples: list[tuple[float, dict[str, float]]] = []
     t0 = time.monotonic()
@@ -92,35 +115,62 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=sample, daemon=True).start()
     result = launcher.run(timeout=args.seconds * 3 + 120)
     stop.set()
-    block = ns.block or info["stream"]["block"]
-    lookahead = info["stream"]["lookahead"] if ns.lookahead is None else ns.lookahead
     summary = run_engine.make_summary(result, run_dir, work / "sep", args.seconds, block,
-                                      lookahead, {})
-    after = [s for s in samples if s[0] >= args.warmup]
-    growth = {}
-    if len(after) >= 2:
-        for node in after[0][1]:
-            if node in after[-1][1]:
-                growth[node] = round(after[-1][1][node] - after[0][1][node], 1)
-    report = {
+                                      lookahead, {}, source_block=source_block)
+    timings = summary["timings"]
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": args.seconds, "bundle": str(bundle), "random_bundle": random_bundle,
         "backend": args.backend, "block": block, "lookahead": lookahead,
+        "source_block": source_block,
         "instruments": [i["label"] for i in summary["instruments"]],
-        "reason": result["reason"],
-        "rtf_separator": summary["timings"]["rtf"],
-        "latency_measured_ms": summary["timings"]["end_to_end_ms"],
-        "latency_algorithmic_ms": summary["timings"]["algorithmic_ms"],
-        "compute_ms": summary["timings"]["compute_ms"],
-        "rss_mb_after_warmup": after[0][1] if after else None,
-        "rss_mb_end": after[-1][1] if after else None,
-        "rss_growth_mb": growth,
-        "rss_growth_mb_total": round(sum(growth.values()), 1),
+        "reason": result["reason"], "run_dir": str(run_dir),
+        "rtf_separator": timings["rtf"], "rtf_wall": timings["rtf_wall"],
+        "latency_capture_to_output_ms": latency_report(run_dir, args.warmup),
+        "latency_algorithmic_ms": timings["algorithmic_ms"],
+        "latency_trail_compute_queue_ms": timings["end_to_end_ms"],
+        "compute_ms": timings["compute_ms"],
+        "counters": {n: {k: v for k, v in c.items() if k in (
+            "gap_samples", "gap_frames", "device_status", "dropped_chunks")}
+            for n, c in summary["counters"].items()},
+        "memory": memory_report(samples, args.warmup),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or analyse a run dir) and print a JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=60.0, help="audio duration (default 60)")
+    ap.add_argument("--clip", default=None, help="media file to loop (default: the demo clip)")
+    ap.add_argument("--bundle", default=str(ROOT / "models" / "checkpoints" / "cpu"))
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--block", type=int, default=None, help="separator block (frames)")
+    ap.add_argument("--lookahead", type=int, default=None, help="lookahead (frames)")
+    ap.add_argument("--source-block", type=int, default=None,
+                    help="samples per source chunk (default block * 256)")
+    ap.add_argument("--warmup", type=float, default=20.0,
+                    help="seconds after which memory growth and the warm latency count "
+                         "(default 20)")
+    ap.add_argument("--analyze", metavar="RUN_DIR", default=None,
+                    help="only report the capture-to-output latency of an earlier run "
+                         "(run_engine.py --run-dir RUN_DIR ...), e.g. a live microphone run")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    args = ap.parse_args(argv)
+    if args.analyze:
+        report = {"run_dir": args.analyze,
+                  "latency_capture_to_output_ms": latency_report(Path(args.analyze),
+                                                                 args.warmup)}
+        ok = report["latency_capture_to_output_ms"]["all"] is not None
+    else:
+        report = run_live(args)
+        ok = report["reason"] == "finished"
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
         Path(args.json).write_text(text + "\n")
-    return 0 if result["reason"] == "finished" else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ under two minutes on two cores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -231,3 +232,47 @@ def test_live_mic_from_a_null_sink_and_tcp_video(bundle: str, tmp_path: Path) ->
     assert s["live"] is True and s["timings"]["end_to_end_ms"]["n"] > 0
     # The mic carried the tone: the outputs are not silent.
     assert max(np.abs(x).max() for x in files.values()) > 1e-3
+
+
+# ---------------------------------------------------------------------- latency bookkeeping
+@pytest.mark.parametrize("source_block,block,lookahead", [(1024, 4, 4), (512, 2, 2), (256, 1, 0),
+                                                          (640, 2, 3)])
+def test_algorithmic_latency_follows_the_real_chain(source_block: int, block: int,
+                                                    lookahead: int) -> None:
+    """The closed form against the chain's own streaming STFT / inverse STFT, fed zeros."""
+    import torch
+
+    from models.spectral import N_BINS, StreamingISTFT, StreamingSTFT
+
+    got = run_engine.algorithmic_latency_ms(source_block, block, lookahead)
+    stft, istft = StreamingSTFT(), StreamingISTFT()
+    pending = sent = emitted = 0
+    ready: list[int] = []  # per output sample: input samples captured when it came out
+    for m in range(1, 20_000 // source_block + 2):
+        pending += stft.push(np.zeros(source_block, np.float32)).shape[1]
+        sent, pending = sent + pending // block * block, pending % block
+        while sent >= emitted + block + lookahead:
+            n = istft.push(torch.zeros(N_BINS, block, dtype=torch.complex64)).shape[-1]
+            ready += [m * source_block] * n
+            emitted += block
+    period = math.lcm(source_block, block * 256)
+    i = np.arange(2 * period, 4 * period)
+    ms = (np.asarray(ready)[i] - i) * 1000.0 / SR
+    assert got["total"] == pytest.approx(ms.max()) and got["min"] == pytest.approx(ms.min())
+    assert got["p50"] == pytest.approx(np.percentile(ms, 50))
+
+
+def test_capture_latency_joins_capture_and_write_logs(tmp_path: Path) -> None:
+    # Samples captured at 100 s + i / SR; chunk [0, 256) written at 100.1 s, [256, 512) later.
+    (tmp_path / run_engine.CAPTURE_LOG).write_text(json.dumps(
+        {"method": "realtime file", "anchors": [[0, 100.0], [256, 100.0 + 256 / SR]]}))
+    (tmp_path / run_engine.WRITE_LOG).write_text(json.dumps(
+        {"writes": {"a#1": [[0, 256, 100.1], [256, 256, 100.2]]}}))
+    got = run_engine.capture_latency_ms(tmp_path, stride=1)
+    lat = np.concatenate([100.1 - (100.0 + np.arange(256) / SR),
+                          100.2 - (100.0 + np.arange(256, 512) / SR)]) * 1000
+    assert got["n"] == 512 and got["p50"] == pytest.approx(np.percentile(lat, 50))
+    assert got["max"] == pytest.approx(lat.max())
+    (tmp_path / run_engine.CAPTURE_LOG).write_text(json.dumps(
+        {"method": "emit time", "anchors": [[255, 1.0]]}))
+    assert run_engine.capture_latency_ms(tmp_path) is None  # no capture clock: no figure
