@@ -1,0 +1,165 @@
+"""File through the engine vs offline evaluation: the same checkpoint, the same ensemble clips,
+the same BSS-eval SDR (training.metrics.bss_eval, mir_eval without permutation).
+
+    python scripts/bench_file_vs_offline.py --n 8                      # bundle defaults
+    python scripts/bench_file_vs_offline.py --n 8 --lookahead 2 --block 2   # live settings
+
+For each of the first N ensemble clips of --data (SynthMUSIC ``ensembles/*``):
+* engine: ``run_engine.py --input <clip>/video.mkv --out ...`` (a file run: the separator waits
+  for vision, so the result does not depend on timing); each output ``<class>#k.wav`` is matched
+  to the ground-truth stem of its class (several tracks of one class are summed; a class
+  without a track scores silence; outputs of classes not in the clip are listed as extra);
+* offline: training.evaluate.model_estimates of the bundle's separator checkpoint on the whole
+  clip (training.separate: windows of n_frames, 50% overlap, triangular weights), with
+  ground-truth-named queries (cached gt features) and with detector-named queries (cached
+  detector-track features), as the offline evaluation table does.
+The engine's queries come from its own detector + encoders at run time, so "engine - offline
+(det)" is the like-for-like difference; "engine - offline (gt)" also holds the detector's misses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository packages
+
+
+def engine_estimates(clip_dir: Path, classes: list[str], n: int, bundle: str, work: Path,
+                     extra_args: list[str]) -> tuple[np.ndarray, list[str], float]:
+    """Run the engine on ``clip_dir/video.mkv``; estimates (K, n) by class, extra labels, wall s."""
+    from run_engine import read_wav
+
+    out, run_dir = work / "sep", work / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "run_engine.py"), "--input",
+                           str(clip_dir / "video.mkv"), "--out", str(out), "--bundle", bundle,
+                           "--run-dir", str(run_dir), *extra_args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    wall = time.monotonic() - t0
+    if proc.returncode not in (0, 3):  # 3: no instrument found: every class scores silence
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"run_engine failed on {clip_dir.name} (exit {proc.returncode}): "
+                           f"{tail}")
+    est = np.zeros((len(classes), n), np.float32)
+    extra = []
+    for f in sorted(out.glob("*.wav")):
+        cls = f.stem.split("#")[0]
+        if cls not in classes:
+            extra.append(f.stem)
+            continue
+        x = read_wav(f)[:n]
+        est[classes.index(cls), :len(x)] += x
+    return est, extra, wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; print a table and a JSON report."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "synth")
+    ap.add_argument("--n", type=int, default=8, help="first N ensemble clips (default 8)")
+    ap.add_argument("--bundle", default=str(ROOT / "models" / "checkpoints" / "cpu"))
+    ap.add_argument("--block", type=int, default=None, help="engine: separator block (frames)")
+    ap.add_argument("--lookahead", type=int, default=None, help="engine: lookahead (frames)")
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the offline part")
+    ap.add_argument("--no-offline", action="store_true",
+                    help="engine only (e.g. a lookahead sweep; the offline rows are the same)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from training.evaluate import model_estimates
+    from training.instruments import load_vocabulary
+    from training.metrics import bss_eval
+    from training.music_data import list_ensembles, load_audio
+
+    torch.set_num_threads(args.threads)
+    bundle = Path(args.bundle)
+    info_path = bundle / "bundle.json"
+    if not info_path.is_file():
+        raise SystemExit(f"error: bundle {bundle} has no bundle.json (docs/BUNDLE.md); a "
+                         "random one: python -m nodes.bundle --random DIR")
+    info = json.loads(info_path.read_text())
+    random_bundle = bool(info.get("training", {}).get("random"))
+    model, _ = load_checkpoint(bundle / info["separator"])
+    model.eval()
+    names = [inst.name for inst in load_vocabulary()]
+    feats = args.data / "features"
+    ensembles = list_ensembles(args.data)[:args.n]
+    if not ensembles:
+        raise SystemExit(f"error: no ensemble clip under {args.data / 'ensembles'}")
+    extra_args = ["--backend", args.backend,
+                  *(["--block", str(args.block)] if args.block else []),
+                  *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else [])]
+    rows, clips = [], []
+    work_root = Path(tempfile.mkdtemp(prefix="iq-fvo-"))
+    load_before = os.getloadavg()
+    for e in ensembles:
+        mix = load_audio(e.as_clip())
+        refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
+        n = min(len(mix), refs.shape[1])
+        refs, mix = refs[:, :n], mix[:n]
+        est, extra, wall = engine_estimates(e.root, list(e.classes), n, str(bundle),
+                                            work_root / e.clip_id, extra_args)
+        sdr = {"engine": bss_eval(refs, est)["sdr"]}
+        if not args.no_offline:
+            det_dir = feats / "det" / "ensembles" / e.clip_id
+            item = {"name": e.clip_id, "refs": refs, "mix": mix, "classes": list(e.classes),
+                    "gt": [feats / "gt" / "ensembles" / e.clip_id / c for c in e.classes],
+                    "det": [[det_dir / c] if (det_dir / f"{c}.obj.npy").is_file() else []
+                            for c in e.classes]}
+            for naming in ("gt", "det"):
+                sdr[f"offline_{naming}"] = bss_eval(refs, model_estimates(model, item, naming,
+                                                                          names))["sdr"]
+        clips.append({"clip": e.clip_id, "seconds": n / 11025, "engine_wall_s": round(wall, 1),
+                      "extra_outputs": extra})
+        for k, c in enumerate(e.classes):
+            rows.append({"clip": e.clip_id, "class": c,
+                         **{key: float(v[k]) for key, v in sdr.items()}})
+        print(f"{e.clip_id}: " + ", ".join(f"{r['class']} " + " / ".join(
+            f"{r[key]:.2f}" for key in sdr) for r in rows[-len(e.classes):])
+              + f" ({' / '.join(sdr)}; engine {wall:.0f} s)", file=sys.stderr, flush=True)
+
+    cols = [k for k in rows[0] if k not in ("clip", "class")]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in cols}
+    diffs = {f"engine - {k}": float(np.mean([r["engine"] - r[k] for r in rows]))
+             for k in cols if k != "engine"}
+    print(f"| clip | class | {' | '.join(cols)} |")
+    print("|---|---|" + "---:|" * len(cols))
+    for r in rows:
+        print(f"| {r['clip']} | {r['class']} | " + " | ".join(f"{r[k]:.2f}" for k in cols) + " |")
+    print("| **mean** | | " + " | ".join(f"**{mean[k]:.2f}**" for k in cols) + " |")
+    for k, v in diffs.items():
+        print(f"mean SDR difference {k}: {v:+.2f} dB")
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python scripts/bench_file_vs_offline.py " + " ".join(argv or sys.argv[1:]),
+        "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        "bundle": str(bundle), "random_bundle": random_bundle,
+        "block": args.block or info["stream"]["block"],
+        "lookahead": info["stream"]["lookahead"] if args.lookahead is None else args.lookahead,
+        "n_clips": len(ensembles), "n_sources": len(rows), "mean_sdr": mean,
+        "mean_difference": diffs, "rows": rows, "clips": clips,
+        "offline": "training.evaluate.model_estimates (training.separate, 50% overlap windows)",
+    }
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
