@@ -1,0 +1,82 @@
+"""Assemble the shipped checkpoint folder (models/checkpoints/cpu/) from training runs: detector
+ONNX, object and motion encoders, the separator (safetensors + JSON each, loadable with
+models.checkpoint.load_checkpoint), and manifest.json with class names, constructor arguments,
+preprocessing and the commands that trained each part.
+
+    python -m training.package --out models/checkpoints/cpu --separator runs/iquery/best \
+        --detector runs/detector --encoders runs/encoders
+
+Weights are stored as float16 to keep the folder small (load_state_dict casts them back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from models.checkpoint import load_checkpoint
+from training.encoders import MEAN, MOTION_CROP, OBJ_CROP, OBJ_FRAMES, STD, class_names
+from training.separate import FPS
+
+
+def save_half(stem: Path, model: torch.nn.Module, meta: dict) -> None:
+    """save_checkpoint's format with float16 floating tensors."""
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"class": type(model).__name__, "kwargs": model.kwargs, "meta": meta}, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--separator", type=Path, required=True, help="checkpoint stem")
+    ap.add_argument("--detector", type=Path, required=True, help="train_detector --out folder")
+    ap.add_argument("--encoders", type=Path, required=True, help="encoders --encoders-out")
+    ap.add_argument("--results", type=Path, default=None, help="evaluate's results.json")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sep, sep_meta = load_checkpoint(args.separator)
+    obj, obj_meta = load_checkpoint(args.encoders / "object_encoder")
+    mot, mot_meta = load_checkpoint(args.encoders / "motion_encoder")
+    save_half(args.out / "separator", sep, sep_meta)
+    save_half(args.out / "object_encoder", obj, obj_meta)
+    save_half(args.out / "motion_encoder", mot, mot_meta)
+    shutil.copyfile(args.detector / "detector.onnx", args.out / "detector.onnx")
+    det_metrics = json.loads((args.detector / "detector_metrics.json").read_text())
+    manifest = {
+        "class_names": class_names(),
+        "separator": {"file": "separator", "class": type(sep).__name__, "kwargs": sep.kwargs,
+                      "trained": sep_meta},
+        "object_encoder": {"file": "object_encoder", "kwargs": obj.kwargs, "crop": OBJ_CROP,
+                           "frames_max_pooled": OBJ_FRAMES, "crop_margin": 0.1},
+        "motion_encoder": {"file": "motion_encoder", "kwargs": mot.kwargs, "crop": MOTION_CROP,
+                           "crop_margin": 0.25, "box": "median box of the track over the clip "
+                           "(a still crop)", "tokens": "one per video frame", "fps": FPS},
+        "preprocessing": {"crop_rgb": "uint8 RGB / 255, then (x - mean) / std",
+                          "mean": MEAN, "std": STD},
+        "detector": {"file": "detector.onnx", "contract": "images float32 (N,3,H,W) RGB 0..1 "
+                     "-> boxes (N,K,4) x1y1x2y2 px, scores (N,K), class_ids (N,K) int64",
+                     "metrics": {k: v for k, v in det_metrics.items() if "ap50_" not in k}},
+        "separation": {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
+                       "overlap_add": "triangular weights on the warped masks"},
+        "training_commands": [det_metrics.get("command"), obj_meta.get("command"),
+                              sep_meta.get("command")],
+    }
+    if args.results is not None and args.results.is_file():
+        manifest["results"] = json.loads(args.results.read_text())
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    total = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"wrote {args.out} ({total / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
