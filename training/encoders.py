@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                                length, rng)
     obj_enc.eval()
     mot_enc.eval()
-    meta = {"data": str(args.data), "command": " ".join(sys.argv), "obj_crop": OBJ_CROP,
+    meta = {"data": str(args.data),
+            "command": "python -m training.encoders " + " ".join(sys.argv[1:]),
+            "obj_crop": OBJ_CROP,
             "motion_crop": MOTION_CROP, "obj_frames": OBJ_FRAMES, "normalise": [MEAN, STD]}
     save_checkpoint(args.encoders_out / "object_encoder", obj_enc,
                     meta | {"train_accuracy": obj_acc})

@@ -32,13 +32,22 @@ from training.separate import Query, separate_wave
 Item = dict
 
 
+def spread(seq: list, n: int | None) -> list:
+    """n items evenly spaced over seq (all when n is None or >= len): a subset that keeps
+    every class, unlike the first n rows of a class-ordered list."""
+    if n is None or n >= len(seq):
+        return list(seq)
+    return [seq[int(i)] for i in np.linspace(0, len(seq) - 1, n).round()]
+
+
 def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None
                ) -> tuple[list[Item], list[Item]]:
-    """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`."""
+    """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`; max_pairs /
+    max_ensembles pick evenly spaced subsets."""
     feats = data / "features"
     n_max = round(seconds * 11025)
     pairs = []
-    for a, b in read_pairs(data / "test_pairs.csv")[:max_pairs]:
+    for a, b in spread(read_pairs(data / "test_pairs.csv"), max_pairs):
         wa, wb = load_audio(a), load_audio(b)
         n = min(len(wa), len(wb), n_max)
         refs = np.stack([wa[:n], wb[:n]])
@@ -47,7 +56,7 @@ def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles:
                       "gt": [feats / "gt" / c.class_name / c.clip_id for c in (a, b)],
                       "det": [[feats / "det" / c.class_name / c.clip_id] for c in (a, b)]})
     ens = []
-    for e in list_ensembles(data)[:max_ensembles]:
+    for e in spread(list_ensembles(data), max_ensembles):
         mix = load_audio(e.as_clip())
         n = min(len(mix), n_max)
         refs = np.stack([load_audio(e.stem_path(c))[:n] for c in e.classes])
@@ -193,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         for part, items in (("pairs", pairs), ("ensembles", ens)):
             if not items:
                 continue
-            key = "".join(ch if ch.isalnum() else "_" for ch in label) + f".{part}"
+            # The key names the item set, so rows of another subset are never mixed in.
+            key = ("".join(ch if ch.isalnum() else "_" for ch in label)
+                   + f".{part}{len(items)}.{args.seconds:g}s")
             cache = rows_dir / f"{key}.json"
             if cache.is_file():
                 row = json.loads(cache.read_text())

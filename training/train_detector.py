@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {"map50_test_solo": m_solo, "ap50_test_solo": ap_solo,
                "n_test_solo_frames": len(test_imgs), "train_frames": len(train_imgs),
                "steps": args.steps, "batch": args.batch, "in_size": size,
-               "train_seconds": round(train_s, 1), "command": " ".join(sys.argv)}
+               "train_seconds": round(train_s, 1),
+               "command": "python -m training.train_detector " + " ".join(sys.argv[1:])}
     if ens:
         e_imgs, e_boxes, _ = load_frames_with_boxes(ens, 2, orig, None)
         m_ens, ap_ens = evaluate_map(onnx_path, e_imgs, e_boxes)
