@@ -13,8 +13,11 @@ For each of the first N ensemble clips of --data (SynthMUSIC ``ensembles/*``):
   clip (training.separate: windows of n_frames, 50% overlap, triangular weights), with
   ground-truth-named queries (cached gt features) and with detector-named queries (cached
   detector-track features), as the offline evaluation table does.
-The engine's queries come from its own detector + encoders at run time, so "engine - offline
-(det)" is the like-for-like difference; "engine - offline (gt)" also holds the detector's misses.
+The engine's queries come from its own detector + encoders at run time: it separates an
+instrument from the moment its detector first names it, while offline features pool the whole
+clip. Columns ``*_span`` score every estimate again from the time all classes of the clip are
+being separated by the engine (NaN when that leaves < 2 s): there "engine_span - offline_*_span"
+isolates the streaming itself (sliding block schedule, live encoders) from detection delay.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository p
 
 
 def engine_estimates(clip_dir: Path, classes: list[str], n: int, bundle: str, work: Path,
-                     extra_args: list[str]) -> tuple[np.ndarray, list[str], float]:
-    """Run the engine on ``clip_dir/video.mkv``; estimates (K, n) by class, extra labels, wall s."""
+                     extra_args: list[str]) -> tuple[np.ndarray, list[str], float, float | None]:
+    """Run the engine on ``clip_dir/video.mkv``: estimates (K, n) by class, extra labels, wall
+    seconds, and the time from which every class of the clip is being separated (None: some
+    class never is)."""
     from run_engine import read_wav
 
     out, run_dir = work / "sep", work / "run"
@@ -60,7 +65,12 @@ def engine_estimates(clip_dir: Path, classes: list[str], n: int, bundle: str, wo
             continue
         x = read_wav(f)[:n]
         est[classes.index(cls), :len(x)] += x
-    return est, extra, wall
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() \
+        else {"instruments": []}
+    first = {c: min((span[0] for i in summary["instruments"] if i["class"] == c
+                     for span in i["separated_s"]), default=None) for c in classes}
+    start = None if None in first.values() else max(first.values())
+    return est, extra, wall, start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
         n = min(len(mix), refs.shape[1])
         refs, mix = refs[:, :n], mix[:n]
-        est, extra, wall = engine_estimates(e.root, list(e.classes), n, str(bundle),
-                                            work_root / e.clip_id, extra_args)
+        est, extra, wall, start = engine_estimates(e.root, list(e.classes), n, str(bundle),
+                                                   work_root / e.clip_id, extra_args)
         sdr = {"engine": bss_eval(refs, est)["sdr"]}
+        estimates = {"engine": est}
         if not args.no_offline:
             det_dir = feats / "det" / "ensembles" / e.clip_id
             item = {"name": e.clip_id, "refs": refs, "mix": mix, "classes": list(e.classes),
@@ -122,10 +133,19 @@ def main(argv: list[str] | None = None) -> int:
                     "det": [[det_dir / c] if (det_dir / f"{c}.obj.npy").is_file() else []
                             for c in e.classes]}
             for naming in ("gt", "det"):
-                sdr[f"offline_{naming}"] = bss_eval(refs, model_estimates(model, item, naming,
-                                                                          names))["sdr"]
+                estimates[f"offline_{naming}"] = model_estimates(model, item, naming, names)
+                sdr[f"offline_{naming}"] = bss_eval(refs, estimates[f"offline_{naming}"])["sdr"]
+        # The same scores from the moment the engine separates every class of the clip: the
+        # live detector names an instrument only once it has seen it (offline features pool
+        # the whole clip), so this part compares the streaming alone.
+        a = round((start or 0.0) * 11025)
+        for key, x in list(estimates.items()):
+            if start is not None and n - a >= 2 * 11025:
+                sdr[f"{key}_span"] = bss_eval(refs[:, a:], x[:, a:])["sdr"]
+            else:
+                sdr[f"{key}_span"] = np.full(len(e.classes), np.nan)
         clips.append({"clip": e.clip_id, "seconds": n / 11025, "engine_wall_s": round(wall, 1),
-                      "extra_outputs": extra})
+                      "extra_outputs": extra, "all_classes_separated_from_s": start})
         for k, c in enumerate(e.classes):
             rows.append({"clip": e.clip_id, "class": c,
                          **{key: float(v[k]) for key, v in sdr.items()}})
@@ -134,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
               + f" ({' / '.join(sdr)}; engine {wall:.0f} s)", file=sys.stderr, flush=True)
 
     cols = [k for k in rows[0] if k not in ("clip", "class")]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in cols}
-    diffs = {f"engine - {k}": float(np.mean([r["engine"] - r[k] for r in rows]))
-             for k in cols if k != "engine"}
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in cols}
+    diffs = {}
+    for k in cols:
+        base = "engine_span" if k.endswith("_span") else "engine"
+        if k != base:
+            diffs[f"{base} - {k}"] = float(np.nanmean([r[base] - r[k] for r in rows]))
     print(f"| clip | class | {' | '.join(cols)} |")
     print("|---|---|" + "---:|" * len(cols))
     for r in rows:
