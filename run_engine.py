@@ -363,13 +363,14 @@ def algorithmic_latency_ms(source_block: int, block: int, lookahead: int,
             "lookahead_part": lookahead * HOP * 1000.0 / SAMPLE_RATE}
 
 
-def capture_latency_ms(run_dir: Path, skip_s: float = 0.0, stride: int = 8
-                       ) -> dict[str, Any] | None:
+def capture_latency_ms(run_dir: Path, skip_s: float = 0.0, stride: int = 8,
+                       by_s: float | None = None) -> dict[str, Any] | None:
     """Capture-to-output latency of the separated samples (ms), from the source's capture log
     and the WAV sink's write log: per output sample i, (when the sink wrote it) - (when input
     sample i was captured). Every ``stride``-th sample of the streams counts; samples of the
-    first ``skip_s`` seconds are left out. None when a log is missing or the source had no
-    capture clock (a file read as fast as possible)."""
+    first ``skip_s`` seconds are left out; ``by_s`` adds ``p95_by_window``, the p95 of each
+    ``by_s`` seconds of media time (how a start-up backlog drains). None when a log is missing
+    or the source had no capture clock (a file read as fast as possible)."""
     try:
         cap = json.loads((run_dir / CAPTURE_LOG).read_text())
         writes = json.loads((run_dir / WRITE_LOG).read_text())["writes"]
@@ -379,7 +380,7 @@ def capture_latency_ms(run_dir: Path, skip_s: float = 0.0, stride: int = 8
         return None
     anchors = np.asarray(cap["anchors"], np.float64)  # (M, 2): sample index, capture time
     anchors = anchors[np.argsort(anchors[:, 0], kind="stable")]
-    lat = []
+    lat, where = [], []
     for rows in writes.values():
         for first, n, t_written in rows:
             idx = np.arange(first, first + n, stride, dtype=np.float64)
@@ -391,12 +392,19 @@ def capture_latency_ms(run_dir: Path, skip_s: float = 0.0, stride: int = 8
             a = np.clip(np.searchsorted(anchors[:, 0], idx, side="right") - 1, 0, None)
             captured = anchors[a, 1] + (idx - anchors[a, 0]) / SAMPLE_RATE
             lat.append(t_written - captured)
+            where.append(idx)
     if not lat:
         return None
     ms = np.concatenate(lat) * 1000.0
-    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
-            "n": int(ms.size), "stride": stride, "skip_s": skip_s, "clock": cap.get("method")}
+    out = {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+           "p99": float(np.percentile(ms, 99)), "max": float(ms.max()),
+           "n": int(ms.size), "stride": stride, "skip_s": skip_s, "clock": cap.get("method")}
+    if by_s:
+        win = (np.concatenate(where) // (by_s * SAMPLE_RATE)).astype(np.int64)
+        out["p95_by_window"] = [round(float(np.percentile(ms[win == w], 95)), 1)
+                                for w in range(int(win.max()) + 1) if np.any(win == w)]
+        out["window_s"] = by_s
+    return out
 
 
 def make_summary(result: dict[str, Any], run_dir: Path, out_dir: Path | None,
