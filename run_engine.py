@@ -44,6 +44,10 @@ HOP, N_FFT = 256, 1022
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_INSTRUMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Written into the run dir by the audio source and the WAV sink (nodes.sources, nodes.sinks).
 CAPTURE_LOG, WRITE_LOG = "audio.capture.json", "wav.writes.json"
+# Streaming settings of live inputs (mic, camera/stream video, --realtime), chosen by
+# measurement (docs/RUN_ENGINE.md, "Live defaults"): capture-to-output p95 <= 250 ms on a shared
+# 2-core CPU. Files keep the bundle's (higher-quality, more lookahead) settings.
+LIVE_STREAM = {"block": 2, "lookahead": 4, "source_block": HOP}
 
 
 class UsageError(Exception):
@@ -91,9 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     model.add_argument("--block", type=int, default=None,
-                       help="STFT frames emitted per separator step (default: the bundle's)")
+                       help="STFT frames emitted per separator step (default: the bundle's for "
+                            f"files, {LIVE_STREAM['block']} for live input: mic, camera, "
+                            "--realtime)")
     model.add_argument("--lookahead", type=int, default=None,
-                       help="frames of right context (default: the bundle's)")
+                       help="frames of right context (default: the bundle's for files, "
+                            f"{LIVE_STREAM['lookahead']} for live input)")
+    model.add_argument("--source-block", type=int, default=None, metavar="N",
+                       help="audio samples per source chunk (default: block * 256 for files, "
+                            f"{LIVE_STREAM['source_block']} for live input)")
     model.add_argument("--fallback-queries", nargs="?", const="all", default=None,
                        metavar="CLASSES",
                        help="when no instrument is detected, separate with the learned queries "
@@ -233,11 +243,32 @@ def _tee_stdin(fifos: list[str]) -> threading.Thread:
 
 
 # ----------------------------------------------------------------------------- the graph
+def is_live_input(args: argparse.Namespace) -> bool:
+    """Audio or video that arrives in real time: a microphone, a camera or network stream, or a
+    file paced with --realtime."""
+    video = args.video or ""
+    return bool((args.input or "").startswith("mic") or args.realtime or video == "camera"
+                or video.startswith("/dev/") or "://" in video)
+
+
+def apply_stream_defaults(args: argparse.Namespace, info: dict[str, Any], live: bool) -> None:
+    """Fill --block, --lookahead and --source-block that were not given: LIVE_STREAM for live
+    input, the bundle's ``stream`` (and one source chunk per block) for files."""
+    base = LIVE_STREAM if live else {**info["stream"], "source_block": None}
+    if args.block is None:
+        args.block = base["block"]
+    if args.lookahead is None:
+        args.lookahead = base["lookahead"]
+    if args.source_block is None:
+        args.source_block = base["source_block"] or args.block * HOP
+
+
 def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
                   run_dir: Path, audio_src: dict[str, Any], video_url: str | None,
                   live: bool) -> str:
     """The default graph of the options, as TOML text."""
     block = args.block or info["stream"]["block"]
+    source_block = getattr(args, "source_block", None) or block * HOP
     fps = info["visual"]["fps"]
     fallback = None
     if args.fallback_queries:
@@ -250,11 +281,11 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
     capture_log = str(run_dir / CAPTURE_LOG)
     if audio_src["kind"] == "mic":
         nodes["audio"] = ("nodes.sources:MicSource",
-                          {"device": audio_src.get("device"), "block": block * HOP,
+                          {"device": audio_src.get("device"), "block": source_block,
                            "capture_log": capture_log}, 0)
     else:
         nodes["audio"] = ("nodes.sources:FileSource",
-                          {"path": audio_src["path"], "block": block * HOP,
+                          {"path": audio_src["path"], "block": source_block,
                            "realtime": args.realtime, "format": audio_src.get("format"),
                            "capture_log": capture_log}, 0)
     nodes["stft"] = ("nodes.stft:STFT", {"block": block}, None)
@@ -543,10 +574,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.input:
         raise UsageError("give --input FILE|-|mic, --demo, --graph or --list-devices "
                          "(see --help)")
-    for name in ("block", "lookahead"):
+    for name in ("block", "lookahead", "source_block"):
         v = getattr(args, name)
-        if v is not None and v < (1 if name == "block" else 0):
-            raise UsageError(f"--{name} {v} is out of range")
+        if v is not None and v < (0 if name == "lookahead" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} {v} is out of range")
     live = args.input.startswith("mic")
     fifo_dir = None
     duration_s = None
@@ -586,6 +617,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.video != "none":
             video_url = args.video
     bundle, info, random_bundle = bundle_info(args.bundle)
+    apply_stream_defaults(args, info, is_live_input(args))
     if args.out is None and not live and not args.monitor and not args.tap:
         args.out = "sep"
     out_dir = Path(args.out).resolve() if args.out else None
@@ -602,7 +634,8 @@ def run(args: argparse.Namespace) -> int:
     graph = parse_graph(tomllib.loads(toml), str(run_dir))
     launcher = Launcher(graph, run_dir, log=lambda line: log(f"[launcher] {line}"))
     log(f"{'live' if live else 'file'} run: input {args.input}, video {video_url or 'none'}, "
-        f"bundle {bundle}; logs in {run_dir}")
+        f"bundle {bundle}; block {args.block}, lookahead {args.lookahead}, source block "
+        f"{args.source_block}; logs in {run_dir}")
     try:
         if fifo_dir is not None:
             launcher.start()
@@ -617,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
     lookahead = info["stream"]["lookahead"] if args.lookahead is None else args.lookahead
     summary = make_summary(result, run_dir, out_dir, duration_s, block, lookahead, {
         "input": args.input, "video": video_url, "bundle": str(bundle),
-        "random_bundle": random_bundle, "live": live})
+        "random_bundle": random_bundle, "live": live}, source_block=args.source_block)
     counters = summary["counters"]
     nonfinite = counters.get("audio", {}).get("nonfinite_samples", 0)
     if nonfinite:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repository packages
-HOP = 256
 
 
 def rss_mb(pid: int) -> float | None:
@@ -91,15 +90,15 @@ def run_live(args: argparse.Namespace) -> dict:
     ns = run_engine.build_parser().parse_args([
         "--input", str(clip), "--out", str(work / "sep"), "--realtime", "--backend", args.backend,
         *(["--block", str(args.block)] if args.block else []),
-        *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else [])])
+        *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else []),
+        *(["--source-block", str(args.source_block)] if args.source_block else [])])
+    # The same settings as run_engine.py --realtime: the live defaults unless given.
+    run_engine.apply_stream_defaults(ns, info, run_engine.is_live_input(ns))
+    block, lookahead, source_block = ns.block, ns.lookahead, ns.source_block
     run_dir = work / "run"
     run_dir.mkdir()
-    block = ns.block or info["stream"]["block"]
-    lookahead = info["stream"]["lookahead"] if ns.lookahead is None else ns.lookahead
     spec = tomllib.loads(run_engine.default_graph(
         ns, bundle, info, run_dir, {"kind": "file", "path": str(clip)}, str(clip), live=False))
-    source_block = args.source_block or block * HOP
-    spec["nodes"]["audio"]["params"]["block"] = source_block
     launcher = Launcher(parse_graph(spec, str(run_dir)), run_dir)
     load_before = os.getloadavg()
     launcher.start()
@@ -146,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", default=None, help="media file to loop (default: the demo clip)")
     ap.add_argument("--bundle", default=str(ROOT / "models" / "checkpoints" / "cpu"))
     ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
-    ap.add_argument("--block", type=int, default=None, help="separator block (frames)")
-    ap.add_argument("--lookahead", type=int, default=None, help="lookahead (frames)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="separator block (frames; default: run_engine's live default)")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="lookahead (frames; default: run_engine's live default)")
     ap.add_argument("--source-block", type=int, default=None,
-                    help="samples per source chunk (default block * 256)")
+                    help="samples per source chunk (default: run_engine's live default)")
     ap.add_argument("--warmup", type=float, default=20.0,
                     help="seconds after which memory growth and the warm latency count "
                          "(default 20)")
