@@ -6,6 +6,7 @@ the RSS of every node process over time.
     python scripts/bench_live.py --seconds 600                    # the issue's 10-minute number
     python scripts/bench_live.py --block 2 --lookahead 2          # other streaming settings
     python scripts/bench_live.py --analyze RUN_DIR                # latency of any earlier run
+    python scripts/bench_live.py --virtual-mic --seconds 30       # PulseAudio null-sink mic
 
 The clip loops a generated 2-instrument SynthMUSIC ensemble (or --clip FILE) to --seconds.
 Latency is measured directly, per output sample: (when the WAV sink wrote it) - (when the same
@@ -138,6 +139,74 @@ def run_live(args: argparse.Namespace) -> dict:
     }
 
 
+def run_virtual_mic(args: argparse.Namespace) -> dict:
+    """The live path through a real audio device: the clip's audio played into a PulseAudio null
+    sink whose monitor is the microphone (``run_engine.py --input mic:pulse``), its video sent
+    as an MPEG-TS stream over TCP (``--video tcp://``). Capture times are the sound card's ADC
+    times (nodes.sources.MicSource)."""
+    import socket
+
+    import run_engine
+
+    if subprocess.run(["pactl", "info"], capture_output=True, check=False).returncode != 0:
+        subprocess.run(["pulseaudio", "-D", "--exit-idle-time=-1"], capture_output=True,
+                       check=False)
+        time.sleep(1.0)
+    sink = f"iq_bench_{os.getpid()}"
+    mod = subprocess.run(["pactl", "load-module", "module-null-sink", f"sink_name={sink}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    work = Path(tempfile.mkdtemp(prefix="iq-vmic-"))
+    clip = Path(args.clip) if args.clip else run_engine.demo_clip(run_engine.CACHE / "demo")
+    clip = looped_clip(clip, args.seconds + 10, work / "clip.mkv")
+    wav = work / "mix.wav"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(clip), "-vn", "-ac", "1",
+                    "-ar", "44100", str(wav)], check=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(["ffmpeg", "-loglevel", "error", "-re", "-i", str(clip), "-an",
+                               "-c:v", "mpeg2video", "-f", "mpegts",
+                               f"tcp://127.0.0.1:{port}?listen=1"], stdin=subprocess.DEVNULL),
+             subprocess.Popen(["paplay", f"--device={sink}", str(wav)])]
+    run_dir = work / "run"
+    extra = [*(["--block", str(args.block)] if args.block else []),
+             *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else []),
+             *(["--source-block", str(args.source_block)] if args.source_block else [])]
+    load_before = os.getloadavg()
+    try:
+        time.sleep(1.0)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "run_engine.py"), "--input", "mic:pulse", "--video",
+             f"tcp://127.0.0.1:{port}", "--out", str(work / "sep"), "--bundle", args.bundle,
+             "--duration", str(args.seconds), "--run-dir", str(run_dir), *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=args.seconds + 180, check=False,
+            env={**os.environ, "PULSE_SOURCE": f"{sink}.monitor"})
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        subprocess.run(["pactl", "unload-module", mod], capture_output=True, check=False)
+    summary_path = work / "sep" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    timings = summary.get("timings", {})
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        "mode": "virtual mic (PulseAudio null-sink monitor) + TCP video",
+        "seconds": args.seconds, "bundle": args.bundle, "exit_code": proc.returncode,
+        "stderr_tail": proc.stderr.strip().splitlines()[-3:],
+        "instruments": [i["label"] for i in summary.get("instruments", [])],
+        "settings": timings.get("algorithmic_ms", {}).get("settings"),
+        "rtf_separator": timings.get("rtf"), "run_dir": str(run_dir),
+        "latency_capture_to_output_ms": latency_report(run_dir, args.warmup),
+        "latency_algorithmic_ms": timings.get("algorithmic_ms"),
+        "counters": {n: {k: v for k, v in c.items() if k in (
+            "capture_time_fallback", "device_status", "gap_samples")}
+            for n, c in summary.get("counters", {}).items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or analyse a run dir) and print a JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -157,9 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--analyze", metavar="RUN_DIR", default=None,
                     help="only report the capture-to-output latency of an earlier run "
                          "(run_engine.py --run-dir RUN_DIR ...), e.g. a live microphone run")
+    ap.add_argument("--virtual-mic", action="store_true",
+                    help="run the live microphone path instead: the clip played into a "
+                         "PulseAudio null sink, its monitor as the mic, video over TCP")
     ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
-    if args.analyze:
+    if args.virtual_mic:
+        report = run_virtual_mic(args)
+        ok = report["exit_code"] == 0
+    elif args.analyze:
         report = {"run_dir": args.analyze,
                   "latency_capture_to_output_ms": latency_report(Path(args.analyze),
                                                                  args.warmup)}
