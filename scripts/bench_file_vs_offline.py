@@ -12,7 +12,9 @@ For each of the first N ensemble clips of --data (SynthMUSIC ``ensembles/*``):
 * offline: training.evaluate.model_estimates of the bundle's separator checkpoint on the whole
   clip (training.separate: windows of n_frames, 50% overlap, triangular weights), with
   ground-truth-named queries (cached gt features) and with detector-named queries (cached
-  detector-track features), as the offline evaluation table does.
+  detector-track features), as the offline evaluation table does;
+* streamed_gt: the engine's own sliding schedule (block, lookahead) run offline with the cached
+  gt-named queries: the schedule alone, without the live detector and encoders.
 The engine's queries come from its own detector + encoders at run time: it separates an
 instrument from the moment its detector first names it, while offline features pool the whole
 clip. Columns ``*_span`` score every estimate again from the time all classes of the clip are
@@ -73,6 +75,101 @@ def engine_estimates(clip_dir: Path, classes: list[str], n: int, bundle: str, wo
     return est, extra, wall, start
 
 
+def streamed_gt_estimates(model: object, item: dict, names: list[str], block: int,
+                          lookahead: int) -> np.ndarray:
+    """The engine's sliding schedule (models.streaming: ``block`` frames per step, ``lookahead``
+    frames of right context, window = the model's n_frames) run offline with the cached
+    ground-truth-named queries: estimates (K, N). Motion tokens follow each window as in
+    training.separate. Against offline_gt this isolates the schedule; against the engine, the
+    live queries (detector timing, live crops and tubes)."""
+    import torch
+
+    from models.spectral import istft, stft
+    from models.streaming import check_window, step_masks, window_start
+    from training.evaluate import query_from
+    from training.separate import motion_len
+
+    window, n_rows = model.n_frames, model.n_rows
+    check_window(window, block, lookahead)
+    queries = [query_from(stem, names, c) for stem, c in zip(item["gt"], item["classes"],
+                                                              strict=True)]
+    obj = torch.from_numpy(np.stack([q.obj for q in queries])).float()[None]  # (1, Q, obj_dim)
+    cls = torch.tensor([[q.class_id for q in queries]])
+    tm = motion_len(window)
+    qpad = torch.zeros(1, len(queries), dtype=torch.bool)
+    mix = torch.from_numpy(item["mix"]).float()
+    spec = stft(mix)  # (N_BINS, T)
+    n_frames = spec.shape[1]
+    left = window - block - lookahead
+    padded = torch.nn.functional.pad(spec, (left, block + lookahead))
+    out = []
+    with torch.no_grad():
+        for e in range(0, n_frames, block):
+            start = window_start(e, window, block, lookahead)  # may be < 0: zeros there
+            first = round(start * 256 / 11025 * 8.0)
+            idx = np.arange(first, first + tm)
+            motion, pad = [], []
+            for q in queries:
+                ok = (idx >= 0) & (idx < len(q.motion))
+                m = np.zeros((tm, q.motion.shape[1]), np.float32)
+                m[ok] = q.motion[idx[ok]]
+                motion.append(m)
+                pad.append(~ok)
+            mot = torch.from_numpy(np.stack(motion))[None]
+            mpad = torch.from_numpy(np.stack(pad))[None]
+
+            def separate(x: torch.Tensor, mot: torch.Tensor = mot,
+                         mpad: torch.Tensor = mpad) -> torch.Tensor:
+                return model(x, obj, cls, mot, mpad, qpad)
+
+            m = step_masks(separate, padded[:, start + left:start + left + window], n_rows,
+                           block, lookahead)
+            out.append(m[:, :, :min(block, n_frames - e)])
+    masks = torch.cat(out, dim=2)  # (Q, N_BINS, T)
+    return istft(masks * spec[None], mix.shape[-1]).numpy()
+
+
+def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
+                   ensembles: list, load_before: tuple) -> int:
+    """streamed_gt SDR per block:lookahead of --schedules, beside offline_gt; table + JSON."""
+    from training.evaluate import model_estimates
+    from training.metrics import bss_eval
+    from training.music_data import load_audio
+
+    schedules = [tuple(int(v) for v in x.split(":")) for x in args.schedules.split(",")]
+    feats = args.data / "features"
+    rows = []
+    for e in ensembles:
+        mix = load_audio(e.as_clip())
+        refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
+        n = min(len(mix), refs.shape[1])
+        item = {"refs": refs[:, :n], "mix": mix[:n], "classes": list(e.classes),
+                "gt": [feats / "gt" / "ensembles" / e.clip_id / c for c in e.classes]}
+        sdr = {"offline_gt": bss_eval(item["refs"], model_estimates(model, item, "gt",
+                                                                    names))["sdr"]}
+        for b, la in schedules:
+            est = streamed_gt_estimates(model, item, names, b, la)
+            sdr[f"streamed_gt_b{b}_l{la}"] = bss_eval(item["refs"], est)["sdr"]
+        for k, c in enumerate(e.classes):
+            rows.append({"clip": e.clip_id, "class": c, **{key: float(v[k])
+                                                          for key, v in sdr.items()}})
+        print(e.clip_id, {k: np.round(v, 2).tolist() for k, v in sdr.items()}, file=sys.stderr,
+              flush=True)
+    cols = [k for k in rows[0] if k not in ("clip", "class")]
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in cols}
+    print("| schedule (block:lookahead) | mean SDR | vs offline_gt |\n|---|---:|---:|")
+    for k in cols:
+        print(f"| {k} | {mean[k]:.2f} | {mean[k] - mean['offline_gt']:+.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": "python scripts/bench_file_vs_offline.py " + " ".join(sys.argv[1:]),
+            "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+            "bundle": args.bundle, "n_clips": len(ensembles), "n_sources": len(rows),
+            "mean_sdr": mean, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; print a table and a JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the offline part")
     ap.add_argument("--no-offline", action="store_true",
                     help="engine only (e.g. a lookahead sweep; the offline rows are the same)")
+    ap.add_argument("--schedules", default=None, metavar="B:L,...",
+                    help="no engine: only the streamed_gt SDR of each block:lookahead (e.g. "
+                         "4:8,2:4,2:2,2:0), the cost of a shorter lookahead without detector "
+                         "noise")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = ap.parse_args(argv)
 
@@ -111,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     ensembles = list_ensembles(args.data)[:args.n]
     if not ensembles:
         raise SystemExit(f"error: no ensemble clip under {args.data / 'ensembles'}")
+    block = args.block or info["stream"]["block"]
+    lookahead = info["stream"]["lookahead"] if args.lookahead is None else args.lookahead
     extra_args = ["--backend", args.backend,
                   *(["--block", str(args.block)] if args.block else []),
                   *(["--lookahead", str(args.lookahead)] if args.lookahead is not None else [])]
     rows, clips = [], []
     work_root = Path(tempfile.mkdtemp(prefix="iq-fvo-"))
     load_before = os.getloadavg()
+    if args.schedules:
+        return schedule_sweep(args, model, names, ensembles, load_before)
     for e in ensembles:
         mix = load_audio(e.as_clip())
         refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
@@ -135,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             for naming in ("gt", "det"):
                 estimates[f"offline_{naming}"] = model_estimates(model, item, naming, names)
                 sdr[f"offline_{naming}"] = bss_eval(refs, estimates[f"offline_{naming}"])["sdr"]
+            estimates["streamed_gt"] = streamed_gt_estimates(model, item, names, block,
+                                                             lookahead)
+            sdr["streamed_gt"] = bss_eval(refs, estimates["streamed_gt"])["sdr"]
         # The same scores from the moment the engine separates every class of the clip: the
         # live detector names an instrument only once it has seen it (offline features pool
         # the whole clip), so this part compares the streaming alone.
@@ -173,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
         "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
         "bundle": str(bundle), "random_bundle": random_bundle,
-        "block": args.block or info["stream"]["block"],
-        "lookahead": info["stream"]["lookahead"] if args.lookahead is None else args.lookahead,
+        "block": block, "lookahead": lookahead,
         "n_clips": len(ensembles), "n_sources": len(rows), "mean_sdr": mean,
         "mean_difference": diffs, "rows": rows, "clips": clips,
         "offline": "training.evaluate.model_estimates (training.separate, 50% overlap windows)",
