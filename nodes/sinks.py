@@ -84,7 +84,7 @@ class WavSink(Node):
     """One WAV file per stream id in ``out_dir``."""
 
     inputs = {"audio": "pull"}
-    MAX_LOGGED_CHUNKS = 1_000_000  # per stream: 24 MB at most, hours of 256-sample chunks
+    MAX_LOGGED_CHUNKS = 150_000  # per stream: 3.6 MB at most, ~58 min of 256-sample chunks
 
     def __init__(self, *, out_dir: str, dtype: str = "float32", sample_rate: int = 11025,
                  latency_log: str | None = None) -> None:

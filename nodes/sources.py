@@ -48,7 +48,7 @@ def _resampler() -> Any:
 class _CaptureLog:
     """Anchors (sample index, monotonic capture time), kept compact, written once at stop."""
 
-    MAX_ANCHORS = 2_000_000  # 32 MB at most; about 5 hours of 100 callbacks per second
+    MAX_ANCHORS = 250_000  # 4 MB at most: ~40 min of 100 callbacks per second (then no more)
 
     def __init__(self, path: str | None) -> None:
         self.path = path
