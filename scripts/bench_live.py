@@ -62,18 +62,25 @@ def latency_report(run_dir: Path, skip_s: float) -> dict:
 
 def memory_report(samples: list[tuple[float, dict[str, float]]], warmup: float) -> dict:
     """RSS per node after warm-up and at the end, and the growth between them (MB)."""
-    after = [s for s in samples if s[0] >= warmup]
+    after = [s for s in samples if s[0] >= warmup and s[1]]
     if len(after) < 2:
         return {"note": f"run shorter than the warm-up ({warmup} s): no growth figure"}
-    first, last = after[0][1], after[-1][1]
-    growth = {n: round(last[n] - first[n], 1) for n in first if n in last}
+    first = after[0][1]
+    # Each node's last sample while it was alive: nodes end at slightly different times.
+    last = {n: next(s[1][n] for s in reversed(after) if n in s[1]) for n in first}
+    last_t = {n: next(s[0] for s in reversed(after) if n in s[1]) for n in first}
+    growth = {n: round(last[n] - first[n], 1) for n in first}
     peak = {n: round(max(s[1].get(n, 0.0) for s in after), 1) for n in first}
-    return {"from_s": round(after[0][0], 1), "to_s": round(after[-1][0], 1),
+    # The total every minute (nodes all alive), to see a trend rather than two points.
+    by_minute = [round(sum(s[1].values()), 1) for i, s in enumerate(after)
+                 if set(s[1]) == set(first) and i % 30 == 0]
+    return {"from_s": round(after[0][0], 1), "to_s": {n: round(t, 1) for n, t in last_t.items()},
             "rss_mb_after_warmup": {n: round(v, 1) for n, v in first.items()},
             "rss_mb_end": {n: round(v, 1) for n, v in last.items()},
             "rss_mb_peak": peak, "growth_mb": growth,
             "growth_mb_total": round(sum(growth.values()), 1),
-            "total_mb_after_warmup": round(sum(first.values()), 1)}
+            "total_mb_after_warmup": round(sum(first.values()), 1),
+            "total_mb_every_minute": by_minute}
 
 
 def run_live(args: argparse.Namespace) -> dict:
