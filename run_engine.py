@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "of all classes (no value) or of a comma-separated list")
     model.add_argument("--detect-every", type=float, default=1.0, metavar="S",
                        help="seconds of video between detections (default 1)")
-    model.add_argument("--score-threshold", type=float, default=0.5)
+    model.add_argument("--score-threshold", type=float, default=None,
+                       help="detector score a track needs (default: the bundle's)")
     run = ap.add_argument_group("running")
     run.add_argument("--realtime", action="store_true",
                      help="pace a file at its media rate (as a live source would arrive)")

@@ -1,46 +1,49 @@
 """Per-track visual features: crops from boxes, the object feature and the motion tokens.
 
-One implementation for the training feature cache and the engine's motion node, so that the
-separator sees the same kind of input offline and live.
+One implementation for the training feature cache (training/encoders.py) and the engine's
+motion node, so that the separator sees the same kind of input offline and live: a change here
+changes both, and the cached features of a trained bundle stay valid only while it does not.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
-# ImageNet statistics: the ResNet-18 may be initialised from a user's torchvision weights.
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# Pixel normalisation of every crop (a scalar for all channels: the encoders are trained here
+# from scratch on SynthMUSIC, not from ImageNet weights).
+MEAN, STD = 0.45, 0.25
 
 
-def crop_boxes(frames: np.ndarray | Tensor, boxes: np.ndarray | Tensor, size: int,
-               margin: float = 0.1) -> Tensor:
-    """Square crops around boxes, resized and normalised.
+def crop_image(img: np.ndarray | Image.Image, box: np.ndarray, size: int,
+               margin: float = 0.1) -> np.ndarray:
+    """Crop of box (x1, y1, x2, y2) widened by `margin` of its width / height on each side,
+    resized (bilinear, aspect not kept) to (size, size, 3) uint8. Parts outside the picture are
+    black, so a box at the border keeps the instrument where it is in the crop."""
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray(np.asarray(img))
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    region = (x1 - margin * w, y1 - margin * h, x2 + margin * w, y2 + margin * h)
+    return np.asarray(img.crop(tuple(round(v) for v in region)).resize((size, size),
+                                                                       Image.BILINEAR))
 
-    frames (T, H, W, 3) uint8 RGB, boxes (T, 4) x1, y1, x2, y2 in pixels (one box per frame)
-    -> (T, 3, size, size) float32, ImageNet-normalised. A box is widened by `margin` of its side
-    and made square (the instrument's aspect must not change with its pose), then clipped.
-    """
-    frames = torch.as_tensor(np.asarray(frames))
-    boxes = torch.as_tensor(np.asarray(boxes), dtype=torch.float32)
+
+def normalise(u8: np.ndarray) -> Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float32, normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(u8)).float() / 255.0
+    return ((x - MEAN) / STD).movedim(-1, -3)
+
+
+def crop_boxes(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float = 0.1) -> Tensor:
+    """frames (T, H, W, 3) uint8 RGB, boxes (T, 4) in pixels (one per frame)
+    -> normalised crops (T, 3, size, size)."""
+    frames, boxes = np.asarray(frames), np.asarray(boxes, np.float32)
     assert frames.ndim == 4 and frames.shape[-1] == 3, f"frames must be (T,H,W,3), {frames.shape}"
-    assert boxes.shape == (frames.shape[0], 4), f"boxes must be (T,4), got {tuple(boxes.shape)}"
-    h, w = frames.shape[1:3]
-    out = []
-    for img, (x1, y1, x2, y2) in zip(frames, boxes.tolist()):
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        half = max(x2 - x1, y2 - y1, 2.0) * (1 + margin) / 2
-        xa, xb = int(max(0, cx - half)), int(min(w, cx + half + 1))
-        ya, yb = int(max(0, cy - half)), int(min(h, cy + half + 1))
-        if xb - xa < 2 or yb - ya < 2:  # a box outside the picture: keep the tube's length
-            xa, xb, ya, yb = 0, w, 0, h
-        patch = img[ya:yb, xa:xb].permute(2, 0, 1)[None].float() / 255.0
-        out.append(F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False))
-    crops = torch.cat(out)
-    return (crops - _MEAN) / _STD
+    assert boxes.shape == (len(frames), 4), f"boxes must be (T,4), got {boxes.shape}"
+    return normalise(np.stack([crop_image(f, b, size, margin) for f, b in zip(frames, boxes)]))
 
 
 @torch.no_grad()

@@ -19,6 +19,9 @@ BUNDLE_VERSION = 1
 VISUAL_KEYS = ("fps", "obj_crop", "motion_crop", "tube_frames", "obj_frames")
 STREAM_KEYS = ("window", "block", "lookahead")
 NETWORK_KEYS = ("separator", "object_encoder", "motion_encoder")
+# Optional visual settings (fractions) and their defaults: crop margins as the training cache
+# used them (models/features.crop_image), and the detector score a track needs.
+VISUAL_FLOATS = {"obj_margin": 0.1, "motion_margin": 0.25, "score_threshold": 0.3}
 
 # The project vocabulary in class-id order (shared/instruments.toml); a trained bundle carries
 # its own list in bundle.json, this one only names the classes of a random bundle.
@@ -54,7 +57,7 @@ class Bundle:
 
     path: Path
     classes: list[str]
-    visual: dict[str, int]
+    visual: dict[str, Any]
     stream: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -119,6 +122,7 @@ def load_bundle(path: str | Path) -> Bundle:
     for need, have, name in ((VISUAL_KEYS, visual, "visual"), (STREAM_KEYS, stream, "stream")):
         if set(need) - set(have):
             raise BundleError(f"{meta}: {name} lacks {sorted(set(need) - set(have))}")
+    visual |= {k: float(info["visual"].get(k, v)) for k, v in VISUAL_FLOATS.items()}
     return Bundle(path, [str(c) for c in info["classes"]], visual, stream, info)
 
 

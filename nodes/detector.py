@@ -141,7 +141,8 @@ class Detector(Node):
     inputs = {"video": "pull"}
     outputs = {"tracks": "push"}
 
-    def __init__(self, *, bundle: str, interval_s: float = 1.0, score_threshold: float = 0.5,
+    def __init__(self, *, bundle: str, interval_s: float = 1.0,
+                 score_threshold: float | None = None,
                  iou_threshold: float = 0.3, max_missed: int = 3, input_size: int | None = None,
                  device: str = "auto", threads: int = 1, report_path: str | None = None) -> None:
         super().__init__()
@@ -164,6 +165,8 @@ class Detector(Node):
 
         bundle = load_bundle(self.bundle_path)
         self.classes = bundle.classes
+        if self.score_threshold is None:  # the threshold the bundle's features were made with
+            self.score_threshold = bundle.visual["score_threshold"]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads  # audio shares the CPU: vision takes little
         opts.log_severity_level = 3

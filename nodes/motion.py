@@ -91,10 +91,12 @@ class Motion(Node):
             frames = self.tube(update.pts_ns)
             for i in range(n):
                 boxes = np.repeat(np.asarray(update.boxes[i:i + 1], np.float32), len(frames), 0)
-                obj = crop_boxes(frames, boxes, self.visual["obj_crop"])
+                obj = crop_boxes(frames, boxes, self.visual["obj_crop"],
+                                 self.visual["obj_margin"])
                 feats[i] = object_feature(self.obj_encoder, obj,
                                           self.visual["obj_frames"]).numpy()
-                mot = crop_boxes(frames, boxes, self.visual["motion_crop"])
+                mot = crop_boxes(frames, boxes, self.visual["motion_crop"],
+                                 self.visual["motion_margin"])
                 tokens.append(motion_tokens(self.motion_encoder, mot).numpy())
         motion = np.stack(tokens).astype(np.float32) if tokens else np.zeros((0, 1, motion_dim),
                                                                              np.float32)

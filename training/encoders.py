@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.checkpoint import save_checkpoint
+from models.features import MEAN, STD, normalise
 from models.visual import MotionEncoder, ObjectEncoder
 from training.instruments import load_vocabulary
 from training.music_data import Clip, MusicIndex, list_ensembles, load_audio, load_boxes
@@ -33,17 +34,12 @@ from training.visual_data import crop, detected_classes, detector_rows, read_fra
 OBJ_CROP = 64
 MOTION_CROP = 40
 OBJ_FRAMES = 3  # frames per clip whose features are max-pooled (ObjectEncoder.forward)
-MEAN, STD = 0.45, 0.25
+OBJ_MARGIN = 0.1
+MOTION_MARGIN = 0.25  # a still crop must hold the instrument's swing
 
 
 def class_names() -> list[str]:
     return [inst.name for inst in load_vocabulary()]
-
-
-def normalise(u8: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(u8)).float() / 255.0
-    return ((x - MEAN) / STD).movedim(-1, -3)
 
 
 def track_crops(frames_dir: Path, track: np.ndarray, n_frames: int) -> tuple[np.ndarray,
@@ -56,9 +52,9 @@ def track_crops(frames_dir: Path, track: np.ndarray, n_frames: int) -> tuple[np.
     tube, objs = [], []
     for i in range(1, n_frames + 1):
         img = read_frame(frames_dir, i)
-        tube.append(crop(img, still, MOTION_CROP, margin=0.25))
+        tube.append(crop(img, still, MOTION_CROP, MOTION_MARGIN))
         if i in obj_ids:
-            objs.append(crop(img, track[i - 1], OBJ_CROP))
+            objs.append(crop(img, track[i - 1], OBJ_CROP, OBJ_MARGIN))
     return np.stack(tube), np.stack(objs)
 
 

@@ -21,8 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import load_checkpoint
-from training.encoders import MEAN, MOTION_CROP, OBJ_CROP, OBJ_FRAMES, STD, class_names
-from training.separate import FPS
+from training.encoders import (MEAN, MOTION_CROP, MOTION_MARGIN, OBJ_CROP, OBJ_FRAMES, OBJ_MARGIN,
+                               STD, class_names)
+from training.separate import FPS, motion_len
+
+# The engine's default schedule for files (STFT frames): scripts/bench_file_vs_offline.py
+# --schedules measured 4:8 within 0.3 dB of the offline 50%-overlap windows.
+FILE_BLOCK, FILE_LOOKAHEAD = 4, 8
+SCORE_THRESHOLD = 0.3  # training.visual_data.detector_rows' default: detector-named features
 
 
 def save_half(stem: Path, model: torch.nn.Module, meta: dict) -> None:
@@ -56,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "separator": {"file": "separator", "class": type(sep).__name__, "kwargs": sep.kwargs,
                       "trained": sep_meta},
         "object_encoder": {"file": "object_encoder", "kwargs": obj.kwargs, "crop": OBJ_CROP,
-                           "frames_max_pooled": OBJ_FRAMES, "crop_margin": 0.1},
+                           "frames_max_pooled": OBJ_FRAMES, "crop_margin": OBJ_MARGIN},
         "motion_encoder": {"file": "motion_encoder", "kwargs": mot.kwargs, "crop": MOTION_CROP,
-                           "crop_margin": 0.25, "box": "median box of the track over the clip "
+                           "crop_margin": MOTION_MARGIN, "box": "median box of the track over the clip "
                            "(a still crop)", "tokens": "one per video frame", "fps": FPS},
         "preprocessing": {"crop_rgb": "uint8 RGB / 255, then (x - mean) / std",
                           "mean": MEAN, "std": STD},
@@ -73,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.results is not None and args.results.is_file():
         manifest["results"] = json.loads(args.results.read_text())
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # What the engine reads (docs/BUNDLE.md); manifest.json keeps the full record.
+    bundle = {
+        "version": 1, "classes": class_names(), "separator": "separator",
+        "object_encoder": "object_encoder", "motion_encoder": "motion_encoder",
+        "detector": "detector.onnx",
+        "visual": {"fps": int(FPS), "obj_crop": OBJ_CROP, "motion_crop": MOTION_CROP,
+                   "tube_frames": motion_len(sep.n_frames), "obj_frames": OBJ_FRAMES,
+                   "obj_margin": OBJ_MARGIN, "motion_margin": MOTION_MARGIN,
+                   "score_threshold": SCORE_THRESHOLD},
+        "stream": {"window": sep.n_frames, "block": FILE_BLOCK, "lookahead": FILE_LOOKAHEAD},
+        "training": {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
+                     "val_sdr": (sep_meta.get("val") or {}).get("sdr")},
+    }
+    (args.out / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
     total = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"wrote {args.out} ({total / 2**20:.1f} MiB)")
     return 0

@@ -317,6 +317,9 @@ def train(args: argparse.Namespace) -> int:
               f"{info['best_sdr']:.2f} dB at step {info['best_step']}", flush=True)
         writer.close()
     if world > 1:
+        # Rank 0 validates and writes files after the loop: a rank that tears gloo down
+        # first can leave the other waiting forever, so both meet here before shutdown.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return 0
 

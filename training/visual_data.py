@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.features import crop_image
+
 
 def read_frame(frames_dir: Path, idx: int) -> Image.Image:
     """1-based frame `idx` of a frames folder as an RGB image."""
@@ -38,13 +40,9 @@ def track_from_rows(rows: np.ndarray, class_id: int, n_frames: int) -> np.ndarra
 
 
 def crop(img: Image.Image, box: np.ndarray, size: int, margin: float = 0.1) -> np.ndarray:
-    """Square-resized crop of box (x1, y1, x2, y2) widened by `margin` on each side ->
-    (size, size, 3) uint8."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    w, h = x2 - x1, y2 - y1
-    region = (x1 - margin * w, y1 - margin * h, x2 + margin * w, y2 + margin * h)
-    return np.asarray(img.crop(tuple(round(v) for v in region)).resize(
-        (size, size), Image.BILINEAR))
+    """Crop of box (x1, y1, x2, y2) widened by `margin` -> (size, size, 3) uint8: the engine's
+    crop (models.features.crop_image), so cached features match the live ones."""
+    return crop_image(img, box, size, margin)
 
 
 def crop_tube(frames_dir: Path, track: np.ndarray, frame_ids: np.ndarray, size: int

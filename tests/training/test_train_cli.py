@@ -3,6 +3,7 @@ features): best/last checkpoints, resume after a stop, and 2-process DDP (gloo o
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,8 +69,15 @@ def test_ddp_two_cpu_processes(fake_data, tmp_path):
            "-m", "training.train", "--data", str(fake_data),
            "--model", "sop", "--steps", "2", "--batch", "2", "--val-every", "2",
            "--val-mixtures", "2", "--out", str(out), "--no-progress"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Own process group: a hang is killed whole (torchrun's workers included), no orphans.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"2-process DDP training hung: {err[-2000:]}")
+    assert proc.returncode == 0, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 2
