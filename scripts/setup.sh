@@ -34,9 +34,11 @@ stamp=.venv/.iquery-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing Python packages (torch is large: about a minute)"
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
-  .venv/bin/python -m pip install -q -e . 2>&1 | grep -v '^WARNING' || true
-  .venv/bin/python -m pip install -q --no-deps tinysoundfont 2>&1 | grep -v '^WARNING' || true
+  log=.venv/pip-install.log
+  { .venv/bin/python -m pip install --upgrade pip \
+      && .venv/bin/python -m pip install -e . \
+      && .venv/bin/python -m pip install --no-deps tinysoundfont; } > "$log" 2>&1 \
+    || { tail -n 30 "$log" >&2; echo "[setup] pip failed: see $log" >&2; exit 1; }
   .venv/bin/python -c "import torch, torchaudio, onnxruntime, zmq, av, tinysoundfont" \
     || { echo "[setup] Python packages failed to import" >&2; exit 1; }
   echo "$want" > "$stamp"
