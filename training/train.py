@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--exclude-classes", default="",
+                    help="comma-separated class names left out of training and validation "
+                         "(pre-training for audio prompts, training/prompts.py)")
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
@@ -236,12 +239,18 @@ def train(args: argparse.Namespace) -> int:
                           if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed + rank)
     names = [inst.name for inst in load_vocabulary()]
+    excluded = [c for c in args.exclude_classes.split(",") if c]
+    for c in excluded:
+        if c not in names:
+            raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
     model = make_model(args.model, args.preset).to(device)
     n_rows, n_frames = model.n_rows, model.n_frames
-    sampler = MixSampler(load_solo(args.data, "train", names, args.features), n_frames,
-                         args.n_mix, seed=args.seed * 1000 + rank)
-    val_sampler = MixSampler(load_solo(args.data, "val", names, args.features), n_frames,
-                             args.n_mix, seed=12345, gain_db=0.0)
+    train_clips = [c for c in load_solo(args.data, "train", names, args.features)
+                   if c.class_name not in excluded]
+    val_clips = [c for c in load_solo(args.data, "val", names, args.features)
+                 if c.class_name not in excluded]
+    sampler = MixSampler(train_clips, n_frames, args.n_mix, seed=args.seed * 1000 + rank)
+    val_sampler = MixSampler(val_clips, n_frames, args.n_mix, seed=12345, gain_db=0.0)
     val_batches = [val_sampler.sample(min(8, args.val_mixtures - i))
                    for i in range(0, args.val_mixtures, 8)]
     if world > 1:
@@ -263,7 +272,7 @@ def train(args: argparse.Namespace) -> int:
             "kwargs": preset_kwargs(args.preset, "sop" if args.model == "sop" else "iquery"),
             "data": str(args.data), "command": "python -m training.train " + " ".join(
                 sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
-            "world_size": world}
+            "world_size": world, "excluded_classes": excluded}
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
     model.train()

@@ -1,0 +1,79 @@
+"""Audio prompts (training/prompts.py): prompt fine-tuning through the module's own code path
+(prepare -> optimizers -> steps on held-out mixtures) moves only the prompt rows; `full` mode
+moves the network; the held-out sampler always includes a prompt id; the derangement moves
+every id."""
+
+import numpy as np
+import torch
+
+from training.mixdata import SoloClip
+from training.prompts import (
+    HeldOutSampler,
+    derangement,
+    make_finetune_optimizers,
+    prepare,
+    remap,
+    trainable_fraction,
+)
+from training.train import forward, make_model, mask_loss, to_tensors
+
+SMALL = {"ngf": 8, "d_model": 32, "n_heads": 2, "d_ffn": 64, "obj_dim": 16, "motion_dim": 8,
+         "n_classes": 4, "n_queries": 6}
+
+
+def clips(n_classes: int = 4, per_class: int = 2) -> list[SoloClip]:
+    rng = np.random.default_rng(0)
+    out = []
+    for c in range(n_classes):
+        for i in range(per_class):
+            audio = rng.standard_normal(11025).astype(np.float32) * 0.1 * (c + 1)
+            out.append(SoloClip(f"c{c}_{i}", f"class{c}", c, audio,
+                                rng.standard_normal(16).astype(np.float32),
+                                rng.standard_normal((8, 8)).astype(np.float16)))
+    return out
+
+
+def run_steps(mode: str, n_steps: int = 3):
+    torch.manual_seed(0)
+    model = make_model("iquery", "cpu", **SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new_ids = prepare(model, 1, mode)
+    before_prompt = model.prompt_embeds[0].detach().clone()
+    sampler = HeldOutSampler(remap(clips(), {3: new_ids[0]}), model.n_frames, new_ids, seed=0)
+    opts = make_finetune_optimizers(model, mode, 1e-2, 1e-3, 1e-3)
+    model.train()
+    for _ in range(n_steps):
+        t = to_tensors(sampler.sample(2), model.n_rows, torch.device("cpu"))
+        assert (t["class_ids"] == new_ids[0]).any(1).all()  # every mixture holds the prompt
+        loss = mask_loss(forward(model, t), t["target"], t["weight"])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+    return model, before, new_ids, before_prompt
+
+
+def test_prompt_finetuning_changes_only_the_prompt_rows():
+    model, before, new_ids, before_prompt = run_steps("prompt")
+    assert new_ids == [6]
+    after = model.state_dict()
+    prompt_keys = [k for k in after if k.startswith("prompt_embeds.")]
+    assert prompt_keys == ["prompt_embeds.0"]
+    for k, v in before.items():  # every original tensor, batch-norm statistics included
+        assert torch.equal(v, after[k]), f"{k} changed during prompt fine-tuning"
+    assert not torch.allclose(after["prompt_embeds.0"], before_prompt)  # it did train
+    n_train, n_all = trainable_fraction(model)
+    assert n_train == 32 and n_all > 1000 * n_train
+
+
+def test_full_finetuning_moves_the_network():
+    model, before, _, _ = run_steps("full", n_steps=1)
+    after = model.state_dict()
+    assert not torch.equal(before["mask_mlp.0.weight"], after["mask_mlp.0.weight"])
+    assert trainable_fraction(model)[0] == trainable_fraction(model)[1]
+
+
+def test_derangement_moves_every_id():
+    p = derangement(12, seed=0)
+    assert sorted(p) == list(range(12)) and all(a != b for a, b in enumerate(p))

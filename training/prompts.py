@@ -1,0 +1,329 @@
+"""Audio prompts (paper Sec. 3.4, Table 4): extend a pre-trained iQuery to held-out classes by
+adding prompt queries and fine-tuning only them, against fine-tuning the whole network; plus the
+random query assignment ablation. Pre-train without the held-out classes first:
+
+    python -m training.train --data data/synth --preset cpu --minutes 15 --threads 1 \
+        --lr-transformer 3e-4 --exclude-classes violin --out runs/prompts/pre_violin
+    python -m training.prompts finetune --data data/synth --init runs/prompts/pre_violin/best \
+        --classes violin --mode prompt --minutes 6 --out runs/prompts/ft_prompt_violin
+    python -m training.prompts evaluate --data data/synth --classes violin \
+        --ckpt prompt=runs/prompts/ft_prompt_violin/best --out runs/prompts/eval_violin
+    python -m training.prompts random-queries --data data/synth --ckpt runs/iquery/best \
+        --out runs/prompts/random_queries
+
+Fine-tuning draws Mix-and-Separate examples that always hold one held-out class (the others
+random); a held-out class is named by its new prompt id, every other class keeps its id. Both
+modes add the prompt rows (so both name the new class the same way); `prompt` trains only
+them (every other parameter frozen, batch norms in eval mode), `full` trains everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.spectral import HOP
+from training.evaluate import load_items, query_from
+from training.instruments import load_vocabulary
+from training.metrics import bss_eval
+from training.mixdata import MixSampler, SoloClip, load_solo
+from training.separate import motion_window, separate_wave
+from training.train import forward, make_optimizers, mask_loss, to_tensors, validate
+
+MODES = ("prompt", "full")
+
+
+class HeldOutSampler(MixSampler):
+    """MixSampler whose every example holds one class of `must` (drawn uniformly), the other
+    K-1 classes drawn from the rest without replacement."""
+
+    def __init__(self, clips: list[SoloClip], n_frames: int, must: list[int], n_mix: int = 2,
+                 seed: int = 0, gain_db: float = 3.0) -> None:
+        super().__init__(clips, n_frames, n_mix, seed, gain_db)
+        missing = [m for m in must if m not in self.by_class]
+        if missing:
+            raise ValueError(f"held-out ids {missing} have no clips; ids present: "
+                             f"{sorted(self.by_class)}")
+        self.must = list(must)
+
+    def _draw(self, cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        group = self.by_class[cid]
+        clip = group[int(self.rng.integers(len(group)))]
+        n_win = (len(clip.audio) - self.n_samples) // HOP
+        start = int(self.rng.integers(0, max(n_win, 0) + 1))  # in STFT frames
+        seg = clip.audio[start * HOP:start * HOP + self.n_samples]
+        seg = np.pad(seg, (0, self.n_samples - len(seg)))
+        gain = 10 ** (self.rng.uniform(-self.gain_db, self.gain_db) / 20)
+        mot, pad = motion_window(clip.motion, start, self.n_frames)
+        return seg * gain, clip.obj, mot, pad
+
+    def sample(self, batch: int) -> dict[str, np.ndarray]:
+        """As MixSampler.sample; column order is shuffled so the held-out class has no slot."""
+        rows: list[list[tuple]] = []
+        ids = []
+        for _ in range(batch):
+            first = self.must[int(self.rng.integers(len(self.must)))]
+            others = [k for k in sorted(self.by_class) if k != first]
+            chosen = [first, *self.rng.choice(others, size=self.n_mix - 1, replace=False)]
+            chosen = [int(c) for c in self.rng.permutation(chosen)]
+            rows.append([self._draw(c) for c in chosen])
+            ids.append(chosen)
+        return {"sources": np.array([[r[0] for r in row] for row in rows], np.float32),
+                "obj": np.array([[r[1] for r in row] for row in rows], np.float32),
+                "class_ids": np.array(ids, np.int64),
+                "motion": np.array([[r[2] for r in row] for row in rows], np.float32),
+                "motion_pad": np.array([[r[3] for r in row] for row in rows], bool)}
+
+
+def prepare(model: nn.Module, n_new: int, mode: str) -> list[int]:
+    """Add n_new prompt queries; `prompt` leaves only them trainable, `full` unfreezes all.
+    Returns the new query ids."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    new_ids = model.add_prompts(n_new)
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.prompt_tuning = False
+        model.train(model.training)
+    return new_ids
+
+
+def trainable_fraction(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    n_all = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), n_all
+
+
+def make_finetune_optimizers(model: nn.Module, mode: str, lr_prompt: float,
+                             lr_transformer: float, lr_audio: float
+                             ) -> list[torch.optim.Optimizer]:
+    """`prompt`: Adam (no weight decay) on the prompt rows only; `full`: train.py's optimizers
+    (the prompt rows then sit with the transformer)."""
+    if mode == "prompt":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [torch.optim.Adam(params, lr=lr_prompt)]
+    return make_optimizers(model, lr_transformer, lr_audio)
+
+
+def remap(clips: list[SoloClip], id_map: dict[int, int]) -> list[SoloClip]:
+    """Copies of clips whose class id is renamed through id_map (held-out class -> prompt)."""
+    return [dataclasses.replace(c, class_id=id_map.get(c.class_id, c.class_id)) for c in clips]
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """The fine-tuning loop behind `finetune` (wall-time and/or step budget, best by val)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    names = [i.name for i in load_vocabulary()]
+    held = [c for c in args.classes.split(",") if c]
+    for c in held:
+        if c not in names:
+            raise ValueError(f"unknown class {c!r}; choose from {names}")
+    model, meta0 = load_checkpoint(args.init)
+    model = model.to(device)
+    new_ids = prepare(model, len(held), args.mode)
+    id_map = {names.index(c): i for c, i in zip(held, new_ids, strict=True)}
+    n_train, n_all = trainable_fraction(model)
+    print(f"{args.mode}: prompt ids {dict(zip(held, new_ids, strict=True))}, trainable "
+          f"{n_train} / {n_all} = {100 * n_train / n_all:.4f} %", flush=True)
+    sampler = HeldOutSampler(remap(load_solo(args.data, "train", names), id_map),
+                             model.n_frames, new_ids, seed=args.seed)
+    val = HeldOutSampler(remap(load_solo(args.data, "val", names), id_map), model.n_frames,
+                         new_ids, seed=12345, gain_db=0.0)
+    val_batches = [val.sample(8) for _ in range(args.val_mixtures // 8)]
+    opts = make_finetune_optimizers(model, args.mode, args.lr_prompt, args.lr_transformer,
+                                    args.lr_audio)
+    base = [[g["lr"] for g in o.param_groups] for o in opts]
+    meta = {"mode": args.mode, "held_out": held, "prompt_ids": new_ids, "init": str(args.init),
+            "trainable": n_train, "total": n_all, "init_meta_step": meta0.get("step"),
+            "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
+    budget = args.minutes * 60 if args.minutes else float("inf")
+    max_steps = args.steps or 10 ** 9
+    best, history, step = -1e9, [], 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    v = validate(model, val_batches, model.n_rows, device)
+    history.append({"step": 0, "elapsed": 0.0} | v)
+    print(f"step 0 val sdr {v['sdr']:.2f}", flush=True)
+    model.train()
+    t0 = time.time()
+    while step < max_steps and time.time() - t0 < budget:
+        progress = max(step / max_steps, (time.time() - t0) / budget)
+        for o, lrs in zip(opts, base, strict=True):
+            for g, lr in zip(o.param_groups, lrs, strict=True):
+                g["lr"] = lr * (0.1 if progress >= 0.8 else 1.0)
+        t = to_tensors(sampler.sample(args.batch), model.n_rows, device)
+        loss = mask_loss(forward(model, t), t["target"], t["weight"])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        step += 1
+        last = step >= max_steps or time.time() - t0 >= budget
+        if step % args.val_every == 0 or last:
+            v = validate(model, val_batches, model.n_rows, device)
+            history.append({"step": step, "elapsed": round(time.time() - t0, 1),
+                            "loss": loss.item()} | v)
+            print(f"step {step} loss {loss.item():.4f} val sdr {v['sdr']:.2f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            if v["sdr"] > best:
+                best = v["sdr"]
+                save_checkpoint(args.out / "best", model, meta | {"step": step, "val": v})
+    (args.out / "summary.json").write_text(json.dumps(
+        meta | {"steps": step, "elapsed": time.time() - t0, "best_sdr": best,
+                "history": history}, indent=1) + "\n")
+    print(f"done: {step} steps, best val SDR {best:.2f} dB", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------ evaluation
+def _prompt_map(meta: dict[str, Any], names: list[str]) -> dict[str, int]:
+    """class name -> query id for the held-out classes of a fine-tuned checkpoint."""
+    return dict(zip(meta.get("held_out", []), meta.get("prompt_ids", []), strict=True))
+
+
+def evaluate_heldout(model: nn.Module, items: list[dict], names: list[str],
+                     id_of: dict[str, int], held: list[str]) -> dict[str, Any]:
+    """SDR/SIR/SAR over the given test items (GT-named); classes in id_of use those query
+    ids. Means over every source and over the held-out classes' sources only."""
+    per_src: list[tuple[str, float, float, float]] = []
+    for it in items:
+        queries = []
+        for stem, cls in zip(it["gt"], it["classes"], strict=True):
+            q = query_from(stem, names, cls)
+            queries.append(dataclasses.replace(q, class_id=id_of.get(cls, names.index(cls))))
+        est = separate_wave(model, it["mix"], queries)
+        m = bss_eval(it["refs"], est)
+        per_src += [(c, float(a), float(b), float(d)) for c, a, b, d in
+                    zip(it["classes"], m["sdr"], m["sir"], m["sar"], strict=True)]
+
+    def mean(rows: list[tuple]) -> dict[str, float]:
+        return {"sdr": float(np.mean([r[1] for r in rows])),
+                "sir": float(np.mean([r[2] for r in rows])),
+                "sar": float(np.mean([r[3] for r in rows])),
+                "sdr_median": float(np.median([r[1] for r in rows])), "n": len(rows)}
+
+    return {"all": mean(per_src), "held_out": mean([r for r in per_src if r[0] in held])}
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [i.name for i in load_vocabulary()]
+    held = [c for c in args.classes.split(",") if c]
+    pairs, _ = load_items(args.data, args.seconds, None, 0)
+    items = [p for p in pairs if set(p["classes"]) & set(held)]
+    print(f"{len(items)} test pairs hold {held}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"held_out": held, "n_pairs": len(items), "rows": {},
+                               "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
+    for spec in args.ckpt:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"--ckpt {spec!r}; expected LABEL=PATH")
+        model, meta = load_checkpoint(path)
+        model.eval()
+        t0 = time.time()
+        row = evaluate_heldout(model, items, names, _prompt_map(meta, names), held)
+        row["seconds"] = round(time.time() - t0, 1)
+        results["rows"][label] = row
+        print(f"{label:30s} held-out SDR {row['held_out']['sdr']:6.2f} (n {row['held_out']['n']})"
+              f"  all SDR {row['all']['sdr']:6.2f}", flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def derangement(n: int, seed: int) -> list[int]:
+    """A random permutation of range(n) with no fixed point (every id moves)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        p = rng.permutation(n)
+        if not np.any(p == np.arange(n)):
+            return [int(x) for x in p]
+
+
+def random_queries_cmd(args: argparse.Namespace) -> int:
+    """Random query assignment at test time: every class id is replaced through a fixed
+    derangement of the vocabulary, the trained model untouched."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [i.name for i in load_vocabulary()]
+    pairs, _ = load_items(args.data, args.seconds, args.max_pairs, 0)
+    model, _ = load_checkpoint(args.ckpt)
+    model.eval()
+    perm = derangement(len(names), args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"n_pairs": len(pairs), "permutation": perm, "rows": {},
+                               "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
+    for label, id_of in (("named queries", {}),
+                         ("random query assignment", {c: perm[i] for i, c in enumerate(names)})):
+        t0 = time.time()
+        row = evaluate_heldout(model, pairs, names, id_of, [])["all"]
+        row["seconds"] = round(time.time() - t0, 1)
+        results["rows"][label] = row
+        print(f"{label:30s} SDR {row['sdr']:6.2f} SIR {row['sir']:6.2f} SAR {row['sar']:6.2f}",
+              flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ft = sub.add_parser("finetune", help="add prompts to a pre-trained model and fine-tune")
+    ft.add_argument("--data", type=Path, required=True)
+    ft.add_argument("--init", type=Path, required=True, help="pre-trained checkpoint stem")
+    ft.add_argument("--classes", required=True, help="held-out class names, comma-separated")
+    ft.add_argument("--mode", choices=MODES, default="prompt")
+    ft.add_argument("--out", type=Path, required=True)
+    ft.add_argument("--minutes", type=float, default=None)
+    ft.add_argument("--steps", type=int, default=None)
+    ft.add_argument("--batch", type=int, default=8)
+    ft.add_argument("--lr-prompt", type=float, default=3e-3)
+    ft.add_argument("--lr-transformer", type=float, default=3e-4)
+    ft.add_argument("--lr-audio", type=float, default=1e-3)
+    ft.add_argument("--val-every", type=int, default=150)
+    ft.add_argument("--val-mixtures", type=int, default=32)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, default=0)
+    ev = sub.add_parser("evaluate", help="SDR on the test pairs holding held-out classes")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--classes", required=True)
+    ev.add_argument("--ckpt", action="append", default=[], help="LABEL=PATH (repeatable)")
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--seconds", type=float, default=6.0)
+    ev.add_argument("--threads", type=int, default=0)
+    rq = sub.add_parser("random-queries", help="random query assignment ablation")
+    rq.add_argument("--data", type=Path, required=True)
+    rq.add_argument("--ckpt", type=Path, required=True)
+    rq.add_argument("--out", type=Path, required=True)
+    rq.add_argument("--seconds", type=float, default=6.0)
+    rq.add_argument("--max-pairs", type=int, default=None)
+    rq.add_argument("--seed", type=int, default=0)
+    rq.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "finetune" and args.minutes is None and args.steps is None:
+        ap.error("give --minutes and/or --steps")
+    try:
+        return {"finetune": finetune, "evaluate": evaluate_cmd,
+                "random-queries": random_queries_cmd}[args.cmd](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
