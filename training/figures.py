@@ -1,7 +1,9 @@
 """Figures for docs/RESULTS.md: a spectrogram / mask panel of one test pair (mixture, each
-source, the ideal ratio mask and a trained separator's mask per query).
+source, the ideal ratio mask and a trained separator's mask per query), and a t-SNE of learned
+query embeddings (class rows, spare rows, audio-prompt rows), one panel per checkpoint.
 
     python -m training.figures --data data/synth --ckpt runs/iquery/best --out docs/figures
+    python -m training.figures --tsne runs/iquery/best --tsne runs/prompts/ft_prompt_violin/best
 """
 
 from __future__ import annotations
@@ -62,14 +64,75 @@ def mask_panel(ckpt: Path, data: Path, out: Path, pair_index: int = 0) -> Path:
     return path
 
 
+def query_tsne(ckpts: list[Path], out: Path, seed: int = 0) -> Path:
+    """Write <out>/query_tsne.png: per checkpoint, a 2-D t-SNE (sklearn, cosine metric) of
+    every row of its query table; returns its path. Each model has its own embedding space,
+    so every checkpoint gets its own panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    names = [i.name for i in load_vocabulary()]
+    fig, axes = plt.subplots(1, len(ckpts), figsize=(6 * len(ckpts), 5.5), squeeze=False,
+                             constrained_layout=True)
+    for axis, ckpt in zip(axes[0], ckpts, strict=True):
+        model, meta = load_checkpoint(ckpt)
+        table = model.query_table().detach().float().numpy()  # (n_ids, D)
+        prompts = dict(zip(meta.get("prompt_ids", []), meta.get("held_out", []), strict=True))
+        labels, kinds = [], []
+        for i in range(len(table)):
+            if i in prompts:
+                labels.append(f"prompt: {prompts[i]}")
+                kinds.append("prompt")
+            elif i < model.n_classes:
+                held = names[i] in meta.get("held_out", [])  # this row never trained
+                labels.append(names[i] + (" (unused)" if held else ""))
+                kinds.append("unused" if held else "class")
+            else:
+                labels.append(f"spare {i}" if i < model.n_queries else f"prompt {i}")
+                kinds.append("spare" if i < model.n_queries else "prompt")
+        xy = TSNE(n_components=2, perplexity=min(5.0, len(table) - 1.0), metric="cosine",
+                  init="pca", random_state=seed).fit_transform(table)
+        style = {"class": ("tab:blue", "o"), "spare": ("tab:gray", "x"),
+                 "unused": ("tab:orange", "s"), "prompt": ("tab:red", "*")}
+        for kind, (color, marker) in style.items():
+            sel = [j for j, k in enumerate(kinds) if k == kind]
+            if sel:
+                axis.scatter(xy[sel, 0], xy[sel, 1], c=color, marker=marker,
+                             s=120 if kind == "prompt" else 40, label=kind)
+        for (x, y), text in zip(xy, labels, strict=True):
+            axis.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_title(str(ckpt), fontsize=9)
+        axis.legend(fontsize=7)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "query_tsne.png"
+    fig.suptitle("t-SNE of the learned query embeddings (cosine)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--ckpt", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--ckpt", type=Path, default=None)
+    ap.add_argument("--tsne", type=Path, action="append", default=[],
+                    help="checkpoint stem for the query t-SNE panel (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
     ap.add_argument("--pair", type=int, default=0)
     args = ap.parse_args(argv)
-    print(mask_panel(args.ckpt, args.data, args.out, args.pair))
+    if args.tsne:
+        print(query_tsne(args.tsne, args.out))
+    if args.ckpt is not None:
+        if args.data is None:
+            ap.error("the mask panel (--ckpt) needs --data")
+        print(mask_panel(args.ckpt, args.data, args.out, args.pair))
+    elif not args.tsne:
+        ap.error("give --ckpt (mask panel) and/or --tsne (query t-SNE)")
     return 0
 
 
