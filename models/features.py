@@ -43,7 +43,8 @@ def crop_boxes(frames: np.ndarray, boxes: np.ndarray, size: int, margin: float =
     frames, boxes = np.asarray(frames), np.asarray(boxes, np.float32)
     assert frames.ndim == 4 and frames.shape[-1] == 3, f"frames must be (T,H,W,3), {frames.shape}"
     assert boxes.shape == (len(frames), 4), f"boxes must be (T,4), got {boxes.shape}"
-    return normalise(np.stack([crop_image(f, b, size, margin) for f, b in zip(frames, boxes)]))
+    crops = [crop_image(f, b, size, margin) for f, b in zip(frames, boxes, strict=True)]
+    return normalise(np.stack(crops))
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ import torch
 from engine.messages import EndOfStream, Masks, Message, SpecFrames, VisionUpdate
 from engine.node import Node, Outputs
 from models.iquery import QueryCache
-from models.spectral import HOP, N_BINS, N_FFT, SAMPLE_RATE
+from models.spectral import HOP, N_BINS, SAMPLE_RATE
 from models.streaming import check_window, step_masks, window_start
 
 BACKENDS = ("torch", "onnx")
@@ -58,21 +58,6 @@ class _Stream:
     next_emit: int = 0
     ended: EndOfStream | None = None
     labels: list[str] = field(default_factory=list)  # labels of the last Masks sent
-
-
-def algorithmic_latency_ms(block: int, lookahead: int, source_block: int) -> dict[str, float]:
-    """The algorithmic latency of the chain, by part (ms).
-
-    A sample is output once the last STFT frame touching it (N_FFT samples span) is emitted;
-    that frame waits for its block to fill (block - 1 more frames) and for ``lookahead``
-    frames of right context; the source delivers audio in ``source_block`` samples. The
-    window's past context adds no delay.
-    """
-    ms = 1000.0 / SAMPLE_RATE
-    parts = {"stft_frame": N_FFT * ms, "block": (block - 1) * HOP * ms,
-             "lookahead": lookahead * HOP * ms, "source_block": source_block * ms}
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 class Separator(Node):

@@ -21,8 +21,16 @@ import torch
 from safetensors.torch import save_file
 
 from models.checkpoint import load_checkpoint
-from training.encoders import (MEAN, MOTION_CROP, MOTION_MARGIN, OBJ_CROP, OBJ_FRAMES, OBJ_MARGIN,
-                               STD, class_names)
+from training.encoders import (
+    MEAN,
+    MOTION_CROP,
+    MOTION_MARGIN,
+    OBJ_CROP,
+    OBJ_FRAMES,
+    OBJ_MARGIN,
+    STD,
+    class_names,
+)
 from training.separate import FPS, motion_len
 
 # The engine's default schedule for files (STFT frames): scripts/bench_file_vs_offline.py
@@ -64,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         "object_encoder": {"file": "object_encoder", "kwargs": obj.kwargs, "crop": OBJ_CROP,
                            "frames_max_pooled": OBJ_FRAMES, "crop_margin": OBJ_MARGIN},
         "motion_encoder": {"file": "motion_encoder", "kwargs": mot.kwargs, "crop": MOTION_CROP,
-                           "crop_margin": MOTION_MARGIN, "box": "median box of the track over the clip "
-                           "(a still crop)", "tokens": "one per video frame", "fps": FPS},
+                           "crop_margin": MOTION_MARGIN,
+                           "box": "median box of the track over the clip (a still crop)",
+                           "tokens": "one per video frame", "fps": FPS},
         "preprocessing": {"crop_rgb": "uint8 RGB / 255, then (x - mean) / std",
                           "mean": MEAN, "std": STD},
         "detector": {"file": "detector.onnx", "contract": "images float32 (N,3,H,W) RGB 0..1 "

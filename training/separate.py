@@ -86,7 +86,8 @@ def separate_masks(model: nn.Module, spec: Tensor, queries: list[Query], fps: fl
     for a in range(0, len(starts), batch):
         chunk = starts[a:a + batch]
         x = model_input(torch.stack([padded[:, s:s + window] for s in chunk]), n_rows)
-        mot, pad = zip(*[zip(*[motion_window(qq.motion, s, window, fps) for qq in queries])
+        mot, pad = zip(*[zip(*[motion_window(qq.motion, s, window, fps) for qq in queries],
+                             strict=True)
                          for s in chunk], strict=True)
         motion = torch.from_numpy(np.array(mot, np.float32))  # (b, Q, Tm, D)
         motion_pad = torch.from_numpy(np.array(pad, bool))
