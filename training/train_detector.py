@@ -52,6 +52,43 @@ def load_frames_with_boxes(items: list[tuple[Path, np.ndarray, int]], per_clip: 
     return np.stack(images), boxes, orig
 
 
+def mosaic(images: np.ndarray, boxes: list, picks: np.ndarray,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Compose len(picks) (2 or 3) training frames side by side into one (S, S, 3) uint8 frame:
+    each source is cropped to a random horizontal window that holds all its boxes' centres
+    (when they fit), then squeezed into its S/k-wide slot. Returns the frame and its (G, 5)
+    boxes (class, x1, y1, x2, y2) in the mosaic's pixels; boxes cut to under 40% of their
+    width are dropped (an unrecognisable sliver should not be a positive)."""
+    size = images.shape[1]
+    k = len(picks)
+    edges = np.linspace(0, size, k + 1).round().astype(int)
+    out = np.empty_like(images[0])
+    out_boxes = []
+    for slot, i in enumerate(picks):
+        img, b = images[i], boxes[i]
+        slot_w = edges[slot + 1] - edges[slot]
+        # Crop width between the slot's own aspect (no squeeze) and the full frame (squeeze k x)
+        # so that players appear both narrowed, as in ensemble shots, and at natural shape.
+        crop_w = int(rng.integers(slot_w, size + 1))
+        cx = (b[:, 1] + b[:, 3]) / 2 if len(b) else np.array([size / 2])
+        lo = max(0, int(np.ceil(cx.max())) - crop_w)
+        hi = min(size - crop_w, int(cx.min()))
+        x0 = int(rng.integers(lo, hi + 1)) if hi >= lo else int(rng.integers(0, size - crop_w + 1))
+        crop = img[:, x0:x0 + crop_w]
+        cols = np.minimum((np.arange(slot_w) + 0.5) * crop_w / slot_w, crop_w - 1).astype(int)
+        out[:, edges[slot]:edges[slot + 1]] = crop[:, cols]  # nearest-neighbour resample
+        if len(b):
+            x1 = np.clip(b[:, 1] - x0, 0, crop_w)
+            x2 = np.clip(b[:, 3] - x0, 0, crop_w)
+            keep = (x2 - x1) >= 0.4 * (b[:, 3] - b[:, 1])
+            scale = slot_w / crop_w
+            nb = b[keep].copy()
+            nb[:, 1] = edges[slot] + x1[keep] * scale
+            nb[:, 3] = edges[slot] + x2[keep] * scale
+            out_boxes.append(nb)
+    return out, (np.concatenate(out_boxes) if out_boxes else np.zeros((0, 5)))
+
+
 def solo_items(data: Path, split: str) -> list[tuple[Path, np.ndarray, int]]:
     return [(c.frames_dir, load_boxes(c), c.n_frames)
             for c in MusicIndex.from_csv(data / f"{split}.csv")]
@@ -77,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames-per-clip", type=int, default=4)
     ap.add_argument("--in-size", type=int, default=96)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--mosaic", type=float, default=0.5,
+                    help="fraction of each batch replaced by 2-3-frame mosaics of training frames")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
@@ -98,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.time()
     for step in range(args.steps):
         idx = rng.choice(len(train_imgs), size=args.batch, replace=False)
-        x = torch.from_numpy(train_imgs[idx]).permute(0, 3, 1, 2).float() / 255.0
+        batch_imgs = train_imgs[idx].copy()
         bxs = [train_boxes[i].copy() for i in idx]
+        # Mosaics of training frames only: the detector must see 2-3 players per frame, as
+        # in ensembles, without ever training on ensemble or test clips.
+        for j in np.where(rng.random(args.batch) < args.mosaic)[0]:
+            picks = rng.choice(len(train_imgs), size=int(rng.integers(2, 4)), replace=False)
+            batch_imgs[j], bxs[j] = mosaic(train_imgs, train_boxes, picks, rng)
+        x = torch.from_numpy(batch_imgs).permute(0, 3, 1, 2).float() / 255.0
         flip = rng.random(args.batch) < 0.5
         for j in np.where(flip)[0]:  # horizontal flip: the class stays, the box mirrors
             x[j] = x[j].flip(-1)
