@@ -5,6 +5,11 @@ The tracker matches a detection to a live track of the same class by greedy high
 unmatched detection opens a new track (numbered per class from 1, never reused); a track missed
 by ``max_missed`` consecutive updates is dropped and reported (``info["dropped"]``). A missed but
 not yet dropped track keeps its last box, so one bad frame does not make an output flicker.
+
+Before tracking, detections of *different* classes on one object (IoU >= ``class_iou_threshold``)
+keep only the highest score: the detector's NMS is per class, so one player otherwise comes back
+as flute + violin + horn on the same box, each opening a track and a separated output that all
+carry the same source (or, on a neighbour's box, the neighbour's sound under the wrong class).
 """
 
 from __future__ import annotations
@@ -33,6 +38,19 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def suppress_cross_class(boxes: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
+                         iou_threshold: float) -> np.ndarray:
+    """Indices of the detections (boxes (K, 4), class_ids (K,), scores (K,)) that survive a
+    class-agnostic NMS at ``iou_threshold``, best score first -> (K',) int64."""
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    for i in order.tolist():
+        if keep and iou_matrix(boxes[keep], boxes[i:i + 1]).max() >= iou_threshold:
+            continue
+        keep.append(i)
+    return np.array(keep, np.int64)
 
 
 @dataclass
@@ -136,6 +154,8 @@ class Detector(Node):
     pixels and ``arrays`` "class_ids" (N,) int64, "scores" (N,), "missed" (N,) int64;
     ``info["dropped"]`` lists the labels dropped by this update. ``input_size`` (pixels of the
     longer side) resizes frames for the detector; boxes come back in frame pixels.
+    ``class_iou_threshold``: detections of other classes overlapping a better one this much are
+    dropped (one object, one class; 1.0 keeps only identical boxes apart).
     """
 
     inputs = {"video": "pull"}
@@ -143,13 +163,17 @@ class Detector(Node):
 
     def __init__(self, *, bundle: str, interval_s: float = 1.0,
                  score_threshold: float | None = None,
-                 iou_threshold: float = 0.3, max_missed: int = 3, input_size: int | None = None,
-                 device: str = "auto", threads: int = 1, report_path: str | None = None) -> None:
+                 iou_threshold: float = 0.3, class_iou_threshold: float = 0.5,
+                 max_missed: int = 3, input_size: int | None = None, device: str = "auto",
+                 threads: int = 1, report_path: str | None = None) -> None:
         super().__init__()
         if interval_s < 0:
             raise ValueError(f"interval_s must be >= 0, got {interval_s}")
         if device not in DEVICES:
             raise ValueError(f"device {device!r}; allowed: {list(DEVICES)}")
+        if not 0.0 < class_iou_threshold <= 1.0:
+            raise ValueError(f"class_iou_threshold must be in (0, 1], got {class_iou_threshold}")
+        self.class_iou_threshold = class_iou_threshold
         self.bundle_path, self.interval_s = bundle, interval_s
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
         self.max_missed, self.input_size, self.device = max_missed, input_size, device
@@ -193,8 +217,11 @@ class Detector(Node):
         valid = (class_ids >= 0) & (class_ids < len(self.classes))
         if (~valid).any():
             self.counters["unknown_class"] += int((~valid).sum())
-        keep = valid & (scores >= self.score_threshold)
-        return boxes[keep].astype(np.float32), class_ids[keep], scores[keep].astype(np.float32)
+        keep = np.flatnonzero(valid & (scores >= self.score_threshold))
+        boxes, class_ids, scores = boxes[keep], class_ids[keep], scores[keep]
+        best = suppress_cross_class(boxes, class_ids, scores, self.class_iou_threshold)
+        self.counters["cross_class_suppressed"] += len(keep) - len(best)
+        return boxes[best].astype(np.float32), class_ids[best], scores[best].astype(np.float32)
 
     def handle(self, port: str, msg: Message) -> Outputs:
         """A due VideoFrame -> detect + track -> VisionUpdate; EndOfStream passed on."""

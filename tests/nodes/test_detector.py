@@ -11,7 +11,7 @@ import pytest
 from engine.messages import EndOfStream, VideoFrame, VisionUpdate
 from engine.testing import run_node
 from nodes.bundle import make_random_bundle
-from nodes.detector import Detector, IoUTracker, iou_matrix
+from nodes.detector import Detector, IoUTracker, iou_matrix, suppress_cross_class
 
 CLASSES = ["violin", "flute"]
 
@@ -20,6 +20,22 @@ def test_iou_matrix() -> None:
     a = np.array([[0, 0, 10, 10]], np.float32)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
     np.testing.assert_allclose(iou_matrix(a, b), [[1.0, 50 / 150, 0.0]])
+
+
+def test_cross_class_suppression_keeps_one_class_per_object() -> None:
+    # One player scored as three classes on (almost) one box, a neighbour's box also scored as
+    # a weak flute, and a separate flute: one detection per object, the best class each.
+    boxes = np.array([[0, 0, 10, 10], [0, 1, 10, 11], [40, 0, 50, 10], [40, 0, 50, 10],
+                      [0, 0, 10, 10], [80, 0, 90, 10]], np.float32)
+    class_ids = np.array([1, 0, 0, 1, 1, 1])
+    scores = np.array([0.5, 0.45, 0.9, 0.33, 0.3, 0.4], np.float32)
+    keep = suppress_cross_class(boxes, class_ids, scores, 0.5)
+    assert keep.tolist() == [2, 0, 5]
+    # Boxes that touch but overlap less than the threshold are different objects.
+    side = np.array([[0, 0, 10, 10], [6, 0, 16, 10]], np.float32)
+    keep = suppress_cross_class(side, np.array([0, 1]), np.array([0.9, 0.8]), 0.5)
+    assert keep.tolist() == [0, 1]
+    assert suppress_cross_class(side[:0], np.zeros(0, np.int64), np.zeros(0), 0.5).size == 0
 
 
 def test_tracker_keeps_ids_numbers_per_class_and_drops_after_misses() -> None:
@@ -77,3 +93,5 @@ def test_detector_refuses_bad_settings() -> None:
         Detector(bundle="x", device="tpu")
     with pytest.raises(ValueError, match="max_missed"):
         IoUTracker(CLASSES, max_missed=0)
+    with pytest.raises(ValueError, match="class_iou_threshold"):
+        Detector(bundle="x", class_iou_threshold=0.0)
