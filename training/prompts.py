@@ -216,7 +216,8 @@ def evaluate_heldout(model: nn.Module, items: list[dict], names: list[str],
                 "sar": float(np.mean([r[3] for r in rows])),
                 "sdr_median": float(np.median([r[1] for r in rows])), "n": len(rows)}
 
-    return {"all": mean(per_src), "held_out": mean([r for r in per_src if r[0] in held])}
+    held_rows = [r for r in per_src if r[0] in held]
+    return {"all": mean(per_src), "held_out": mean(held_rows) if held_rows else None}
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
