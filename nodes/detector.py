@@ -23,21 +23,9 @@ import numpy as np
 
 from engine.messages import EndOfStream, Message, VideoFrame, VisionUpdate
 from engine.node import Node, Outputs
+from models.boxes import box_iou
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of boxes a (M, 4) and b (N, 4), x1 y1 x2 y2 -> (M, N)."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
 
 
 def suppress_cross_class(boxes: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
@@ -47,7 +35,7 @@ def suppress_cross_class(boxes: np.ndarray, class_ids: np.ndarray, scores: np.nd
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     for i in order.tolist():
-        if keep and iou_matrix(boxes[keep], boxes[i:i + 1]).max() >= iou_threshold:
+        if keep and box_iou(boxes[keep], boxes[i:i + 1]).max() >= iou_threshold:
             continue
         keep.append(i)
     return np.array(keep, np.int64)
@@ -93,7 +81,7 @@ class IoUTracker:
             cands = [i for i, t in enumerate(self.tracks) if t.class_id == cid]
             if not cands:
                 continue
-            iou = iou_matrix(np.stack([self.tracks[i].box for i in cands]), boxes[dets])
+            iou = box_iou(np.stack([self.tracks[i].box for i in cands]), boxes[dets])
             while iou.size and iou.max() >= self.iou_threshold:
                 ti, di = np.unravel_index(int(iou.argmax()), iou.shape)
                 t, d = self.tracks[cands[ti]], int(dets[di])

@@ -10,16 +10,17 @@ import pytest
 
 from engine.messages import EndOfStream, VideoFrame, VisionUpdate
 from engine.testing import run_node
+from models.boxes import box_iou
 from nodes.bundle import make_random_bundle
-from nodes.detector import Detector, IoUTracker, iou_matrix, suppress_cross_class
+from nodes.detector import Detector, IoUTracker, suppress_cross_class
 
 CLASSES = ["violin", "flute"]
 
 
-def test_iou_matrix() -> None:
+def test_box_iou() -> None:
     a = np.array([[0, 0, 10, 10]], np.float32)
     b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]], np.float32)
-    np.testing.assert_allclose(iou_matrix(a, b), [[1.0, 50 / 150, 0.0]])
+    np.testing.assert_allclose(box_iou(a, b), [[1.0, 50 / 150, 0.0]])
 
 
 def test_cross_class_suppression_keeps_one_class_per_object() -> None:
