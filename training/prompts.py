@@ -38,7 +38,12 @@ from training.instruments import load_vocabulary
 from training.metrics import bss_eval
 from training.mixdata import MixSampler, SoloClip, load_solo
 from training.separate import motion_window, separate_wave
-from training.train import forward, make_optimizers, mask_loss, to_tensors, validate
+from training.train import (
+    make_optimizers,
+    set_lr,
+    train_step,
+    validate,
+)
 
 MODES = ("prompt", "full")
 
@@ -160,17 +165,8 @@ def finetune(args: argparse.Namespace) -> int:
     model.train()
     t0 = time.time()
     while step < max_steps and time.time() - t0 < budget:
-        progress = max(step / max_steps, (time.time() - t0) / budget)
-        for o, lrs in zip(opts, base, strict=True):
-            for g, lr in zip(o.param_groups, lrs, strict=True):
-                g["lr"] = lr * (0.1 if progress >= 0.8 else 1.0)
-        t = to_tensors(sampler.sample(args.batch), model.n_rows, device)
-        loss = mask_loss(forward(model, t), t["target"], t["weight"])
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+        set_lr(opts, base, max(step / max_steps, (time.time() - t0) / budget))
+        loss = train_step(model, opts, sampler, args.batch, model.n_rows, device)
         step += 1
         last = step >= max_steps or time.time() - t0 >= budget
         if step % args.val_every == 0 or last:

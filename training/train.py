@@ -193,6 +193,27 @@ def lr_factor(progress: float) -> float:
     return 0.1 if progress >= 0.8 else 1.0
 
 
+def set_lr(opts: list, base_lrs: list[list[float]], progress: float) -> None:
+    """Apply the step schedule at `progress` (0..1 of the budget) to every param group."""
+    for o, lrs in zip(opts, base_lrs, strict=True):
+        for g, lr in zip(o.param_groups, lrs, strict=True):
+            g["lr"] = lr * lr_factor(progress)
+
+
+def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
+               device: torch.device) -> torch.Tensor:
+    """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks,
+    step every optimizer. Returns the loss (detached from nothing: for logging only)."""
+    t = to_tensors(sampler.sample(batch), n_rows, device)
+    loss = mask_loss(forward(model, t), t["target"], t["weight"])
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+    return loss
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -285,17 +306,8 @@ def train(args: argparse.Namespace) -> int:
             torch.distributed.broadcast(stop, 0)
         if stop.item():
             break
-        progress = max(info["step"] / max_steps, elapsed / budget_s)
-        for o, lrs in zip(opts, base_lrs, strict=True):
-            for g, lr in zip(o.param_groups, lrs, strict=True):
-                g["lr"] = lr * lr_factor(progress)
-        t = to_tensors(sampler.sample(args.batch), n_rows, device)
-        loss = mask_loss(forward(model, t), t["target"], t["weight"])
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+        set_lr(opts, base_lrs, max(info["step"] / max_steps, elapsed / budget_s))
+        loss = train_step(model, opts, sampler, args.batch, n_rows, device)
         info["step"] += 1
         bar.update(1)
         if writer is not None:

@@ -15,7 +15,7 @@ from training.prompts import (
     remap,
     trainable_fraction,
 )
-from training.train import forward, make_model, mask_loss, to_tensors
+from training.train import make_model, to_tensors, train_step
 
 SMALL = {"ngf": 8, "d_model": 32, "n_heads": 2, "d_ffn": 64, "obj_dim": 16, "motion_dim": 8,
          "n_classes": 4, "n_queries": 6}
@@ -45,12 +45,8 @@ def run_steps(mode: str, n_steps: int = 3):
     for _ in range(n_steps):
         t = to_tensors(sampler.sample(2), model.n_rows, torch.device("cpu"))
         assert (t["class_ids"] == new_ids[0]).any(1).all()  # every mixture holds the prompt
-        loss = mask_loss(forward(model, t), t["target"], t["weight"])
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in opts:
-            o.step()
+    for _ in range(n_steps):
+        train_step(model, opts, sampler, 2, model.n_rows, torch.device("cpu"))
     return model, before, new_ids, before_prompt
 
 
