@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -75,6 +77,18 @@ class Node:
     def finish(self) -> Outputs:
         """All inputs ended (or the source is exhausted): yield the last outputs."""
         return ()
+
+
+def put_until_halted(q: queue.Queue, item: Any, halt: threading.Event) -> bool:
+    """Put `item` on a bounded queue from a source's reader thread, waiting while it is full
+    but giving up (False) once `halt` is set, so that stop() never waits on a full queue."""
+    while not halt.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def stamp(out: Message, trail: list, node: str, t_in: float, t_out: float) -> Message:

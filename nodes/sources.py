@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from engine.messages import AudioChunk, EndOfStream, VideoFrame
-from engine.node import Node, Outputs
+from engine.node import Node, Outputs, put_until_halted
 from models.spectral import SAMPLE_RATE
 
 NONFINITE_POLICIES = ("zero", "error")
@@ -168,13 +168,7 @@ class FileSource(Node):
         self._thread.start()
 
     def _put(self, item: tuple) -> bool:
-        while not self._halt.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_halted(self._q, item, self._halt)
 
     def _decode(self) -> None:
         try:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from engine.messages import EndOfStream, VideoFrame
-from engine.node import Node, Outputs
+from engine.node import Node, Outputs, put_until_halted
 
 _QUEUE_ITEMS = 64  # decoded frames buffered ahead of the node loop (8 s at 8 fps)
 MAX_BAD_PACKETS = 250  # undecodable packets in a row before the input counts as gone
@@ -77,13 +77,7 @@ class CameraSource(Node):
         self._thread.start()
 
     def _put(self, item: tuple) -> bool:
-        while not self._halt.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until_halted(self._q, item, self._halt)
 
     def _decode(self) -> None:
         import av
