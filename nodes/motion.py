@@ -1,6 +1,13 @@
-"""Motion node: for every tracks update of the detector, each track's crop tube from a ring
-buffer of recent frames becomes an object feature and motion tokens (models/features.py, the
-same code as the training feature cache), sent on as one VisionUpdate for the separator.
+"""Motion node: for every tracks update of the detector, each track becomes an object feature and
+motion tokens (models/features.py, the same code as the training feature cache), sent on as one
+VisionUpdate for the separator.
+
+The object feature pools the track's crops at its last ``obj_frames`` detections, each cut from
+the frame of that detection with that detection's own box: the training cache pools
+``obj_frames`` frames spread over the clip, each with its own box, and a box applied to frames
+from before it was detected cuts a moving player badly (measured: cosine to the cached feature
+0.55-0.8 on such updates, 0.95-1.0 with the per-detection crops). The motion tokens come from
+the crop tube of the last ``tube_frames`` frames of a ring buffer at the current box.
 
 Features are computed at the tracks update's own media time from the frames at or before it,
 so a file gives the same features however fast its frames and tracks arrive; a tracks update
@@ -48,6 +55,7 @@ class Motion(Node):
         self.bundle_path, self.device, self.threads = bundle, device, threads
         self.ring: deque[tuple[int, np.ndarray]] = deque()
         self.pending: deque[VisionUpdate] = deque()
+        self.obj_crops: dict[int, deque[np.ndarray]] = {}  # track id -> crops at its detections
         self.video_ended = False
         self._last_pts = 0  # media time of the newest tracks update
 
@@ -78,26 +86,42 @@ class Motion(Node):
         frames = [frames[0]] * (n - len(frames)) + frames
         return np.stack(frames)
 
+    def object_crops(self, update: VisionUpdate, frame: np.ndarray) -> list[np.ndarray]:
+        """Per track of ``update``: its crops (k, S, S, 3) uint8 at its last ``obj_frames``
+        detections, this one included unless the detector missed it here (a missed track
+        keeps a stale box). Tracks no longer in the update are forgotten."""
+        from models.features import crop_image
+
+        missed = np.asarray(update.arrays.get("missed", np.zeros(len(update.labels))))
+        ids = [int(t) for t in update.track_ids]
+        self.obj_crops = {t: c for t, c in self.obj_crops.items() if t in ids}
+        out = []
+        for i, tid in enumerate(ids):
+            crops = self.obj_crops.setdefault(tid, deque(maxlen=self.visual["obj_frames"]))
+            if not crops or not missed[i]:
+                crops.append(crop_image(frame, update.boxes[i], self.visual["obj_crop"],
+                                        self.visual["obj_margin"]))
+            out.append(np.stack(crops))
+        return out
+
     def features(self, update: VisionUpdate) -> VisionUpdate:
         """Tracks update -> the same tracks with object features and motion tokens."""
-        from models.features import crop_boxes, motion_tokens, object_feature
+        from models.features import crop_boxes, motion_tokens, normalise, object_feature
 
         n = len(update.labels)
         obj_dim = self.obj_encoder.kwargs["obj_dim"]
         motion_dim = self.motion_encoder.kwargs["motion_dim"]
         feats = np.zeros((n, obj_dim), np.float32)
         tokens: list[np.ndarray] = []
-        if n:
-            frames = self.tube(update.pts_ns)
-            for i in range(n):
-                boxes = np.repeat(np.asarray(update.boxes[i:i + 1], np.float32), len(frames), 0)
-                obj = crop_boxes(frames, boxes, self.visual["obj_crop"],
-                                 self.visual["obj_margin"])
-                feats[i] = object_feature(self.obj_encoder, obj,
-                                          self.visual["obj_frames"]).numpy()
-                mot = crop_boxes(frames, boxes, self.visual["motion_crop"],
-                                 self.visual["motion_margin"])
-                tokens.append(motion_tokens(self.motion_encoder, mot).numpy())
+        frames = self.tube(update.pts_ns)
+        # The update's own frame is the newest of its tube.
+        for i, crops in enumerate(self.object_crops(update, frames[-1])):
+            feats[i] = object_feature(self.obj_encoder, normalise(crops),
+                                      self.visual["obj_frames"]).numpy()
+            boxes = np.repeat(np.asarray(update.boxes[i:i + 1], np.float32), len(frames), 0)
+            mot = crop_boxes(frames, boxes, self.visual["motion_crop"],
+                             self.visual["motion_margin"])
+            tokens.append(motion_tokens(self.motion_encoder, mot).numpy())
         motion = np.stack(tokens).astype(np.float32) if tokens else np.zeros((0, 1, motion_dim),
                                                                              np.float32)
         self.counters["updates"] += 1
@@ -146,4 +170,5 @@ class Motion(Node):
     def stop(self) -> None:
         """Drop the encoders and frames."""
         self.ring.clear()
+        self.obj_crops.clear()
         self.obj_encoder = self.motion_encoder = None

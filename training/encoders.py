@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD, normalise
 from models.visual import MotionEncoder, ObjectEncoder
 from training.instruments import load_vocabulary
@@ -141,6 +142,54 @@ def save_feats(stem: Path, obj: np.ndarray, motion: np.ndarray,
         np.save(f"{stem}.cls.npy", np.array(cls, np.int64))
 
 
+def cache_detector_features(detector: Path, obj_enc: ObjectEncoder, mot_enc: MotionEncoder,
+                            test_clips: list[Clip], ensembles: list, feats: Path,
+                            names: list[str], t0: float) -> dict:
+    """Detector-named features under <feats>/det: each test solo clip named by its most
+    confident detected class, each ensemble by every class detected in >= half of the sampled
+    frames. -> naming summary."""
+    from training.detector import OnnxDetector
+
+    det = OnnxDetector(detector)
+    stride = 2
+    named_ok = 0
+    for c in tqdm(test_clips, desc="det solo", unit="clip", leave=False):
+        rows = detector_rows(det, c.frames_dir, c.n_frames, stride)
+        found = detected_classes(rows, len(range(1, c.n_frames + 1, stride)))
+        # The detector names the clip by its most confident track (no dataset label).
+        cls = found[0][0] if found else int(rows[np.argmax(rows[:, 2]), 1]) if len(
+            rows) else 0
+        named_ok += names[cls] == c.class_name
+        track = track_from_rows(rows, cls, c.n_frames)
+        if track is None:  # nothing detected at all: the whole frame is the crop
+            track = np.tile(np.array([0, 0, 224, 224], np.float32), (c.n_frames, 1))
+        tube, objs = track_crops(c.frames_dir, track, c.n_frames)
+        save_feats(feats / "det" / c.class_name / c.clip_id,
+                   *encode(obj_enc, mot_enc, tube, objs), cls=cls)
+    ens_found = {}
+    for e in tqdm(ensembles, desc="det ensembles", unit="clip", leave=False):
+        rows = detector_rows(det, e.frames_dir, e.n_frames, stride)
+        found = detected_classes(rows, len(range(1, e.n_frames + 1, stride)))
+        ens_found[e.clip_id] = [names[c] for c, _ in found]
+        out = feats / "det" / "ensembles" / e.clip_id
+        for stale in out.glob("*.npy") if out.is_dir() else ():  # a re-run with a new detector
+            stale.unlink()
+        for cls, _ in found:
+            track = track_from_rows(rows, cls, e.n_frames)
+            tube, objs = track_crops(e.frames_dir, track, e.n_frames)
+            save_feats(out / names[cls], *encode(obj_enc, mot_enc, tube, objs))
+    exact = sum(sorted(v) == sorted(e.classes) for e, v in
+                zip(ensembles, ens_found.values(), strict=True))
+    summary = {"detector": str(detector),
+               "det_naming_accuracy_test_solo": named_ok / max(len(test_clips), 1),
+               "det_ensembles_exact_class_set": exact / max(len(ensembles), 1),
+               "det_ensemble_classes": ens_found}
+    print(f"cached detector-named features ({time.time() - t0:.0f} s): naming accuracy "
+          f"{summary['det_naming_accuracy_test_solo']:.3f}, ensembles exact "
+          f"{summary['det_ensembles_exact_class_set']:.3f}", flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
@@ -151,12 +200,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--motion-steps", type=int, default=500)
     ap.add_argument("--motion-dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--det-only", action="store_true",
+                    help="only re-cache det/ with --detector, using the encoders already in "
+                         "--encoders-out (after a new detector; gt/ and the separators that "
+                         "were trained on it stay valid)")
     args = ap.parse_args(argv)
     feats = args.features or args.data / "features"
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     names = class_names()
     t0 = time.time()
+    if args.det_only:
+        if args.detector is None:
+            ap.error("--det-only needs --detector")
+        obj_enc, _ = load_checkpoint(args.encoders_out / "object_encoder")
+        mot_enc, _ = load_checkpoint(args.encoders_out / "motion_encoder")
+        test = list(MusicIndex.from_csv(args.data / "test.csv"))
+        summary_path = feats / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary |= cache_detector_features(args.detector, obj_enc, mot_enc, test,
+                                           list_ensembles(args.data), feats, names, t0)
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        return 0
 
     # Ground-truth tracks of every solo clip (the sounding class only).
     clips = {s: list(MusicIndex.from_csv(args.data / f"{s}.csv")) for s in ("train", "val",
@@ -211,42 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict = {"object_train_accuracy": obj_acc, "motion_train_corr": mot_corr}
     if args.detector is not None:
-        from training.detector import OnnxDetector
-
-        det = OnnxDetector(args.detector)
-        stride = 2
-        named_ok = 0
-        for c in clips["test"]:
-            rows = detector_rows(det, c.frames_dir, c.n_frames, stride)
-            found = detected_classes(rows, len(range(1, c.n_frames + 1, stride)))
-            # The detector names the clip by its most confident track (no dataset label).
-            cls = found[0][0] if found else int(rows[np.argmax(rows[:, 2]), 1]) if len(
-                rows) else 0
-            named_ok += names[cls] == c.class_name
-            track = track_from_rows(rows, cls, c.n_frames)
-            if track is None:  # nothing detected at all: the whole frame is the crop
-                track = np.tile(np.array([0, 0, 224, 224], np.float32), (c.n_frames, 1))
-            tube, objs = track_crops(c.frames_dir, track, c.n_frames)
-            save_feats(feats / "det" / c.class_name / c.clip_id,
-                       *encode(obj_enc, mot_enc, tube, objs), cls=cls)
-        ens_found = {}
-        for e in ensembles:
-            rows = detector_rows(det, e.frames_dir, e.n_frames, stride)
-            found = detected_classes(rows, len(range(1, e.n_frames + 1, stride)))
-            ens_found[e.clip_id] = [names[c] for c, _ in found]
-            for cls, _ in found:
-                track = track_from_rows(rows, cls, e.n_frames)
-                tube, objs = track_crops(e.frames_dir, track, e.n_frames)
-                save_feats(feats / "det" / "ensembles" / e.clip_id / names[cls],
-                           *encode(obj_enc, mot_enc, tube, objs))
-        exact = sum(sorted(v) == sorted(e.classes) for e, v in
-                    zip(ensembles, ens_found.values(), strict=True))
-        summary |= {"det_naming_accuracy_test_solo": named_ok / max(len(clips["test"]), 1),
-                    "det_ensembles_exact_class_set": exact / max(len(ensembles), 1),
-                    "det_ensemble_classes": ens_found}
-        print(f"cached detector-named features ({time.time() - t0:.0f} s): naming accuracy "
-              f"{summary['det_naming_accuracy_test_solo']:.3f}, ensembles exact "
-              f"{summary['det_ensembles_exact_class_set']:.3f}", flush=True)
+        summary |= cache_detector_features(args.detector, obj_enc, mot_enc, clips["test"],
+                                           ensembles, feats, names, t0)
     (feats / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return 0
 

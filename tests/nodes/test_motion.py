@@ -63,3 +63,42 @@ def test_no_tracks_gives_an_empty_update_and_no_frames_waits(bundle: str) -> Non
     got = run_node(node, [tracks(0.0, 1)])  # no frame ever came: nothing to crop
     assert [type(m).__name__ for _, m in got] == ["EndOfStream"]
     assert node.counters["updates_without_frames"] == 1
+
+
+def test_object_feature_pools_crops_at_the_tracks_own_detections(bundle: str) -> None:
+    """A moving player: the feature pools the crops cut at each detection's frame with that
+    detection's box (as the training cache does), not the newest box over older frames; a
+    missed detection (stale box) adds no crop."""
+    from models.features import crop_image, normalise, object_feature
+    from nodes.bundle import load_bundle
+
+    frames = [frame(i) for i in range(25)]
+    boxes = [np.array([[2 + 8 * k, 4, 26 + 8 * k, 40]], np.float32) for k in range(4)]
+    updates = [("tracks", VisionUpdate(stream="tracks", pts_ns=int(k * 1e9), labels=["violin#1"],
+                                       track_ids=[1], boxes=boxes[k],
+                                       arrays={"class_ids": np.array([11]),
+                                               "missed": np.array([int(k == 3)])}))
+               for k in range(4)]
+    out = run(bundle, [*frames, *updates])
+    b = load_bundle(bundle)
+    enc, v = b.load_object_encoder("cpu"), b.visual
+
+    def expected(ks: list[int]) -> np.ndarray:
+        crops = [crop_image(frames[8 * k][1].image, boxes[k][0], v["obj_crop"], v["obj_margin"])
+                 for k in ks]
+        return object_feature(enc, normalise(np.stack(crops)), v["obj_frames"]).numpy()
+
+    last = [0, 1, 2][-v["obj_frames"]:]  # the newest obj_frames detections
+    assert len(last) >= 2
+    np.testing.assert_allclose(out[0].arrays["obj_feats"][0], expected([0]), atol=1e-5)
+    np.testing.assert_allclose(out[2].arrays["obj_feats"][0], expected(last), atol=1e-5)
+    # Update 3 missed the player: the same crops as update 2.
+    np.testing.assert_allclose(out[3].arrays["obj_feats"][0], expected(last), atol=1e-5)
+    assert not np.allclose(out[2].arrays["obj_feats"][0], out[0].arrays["obj_feats"][0])
+    # A track that leaves and comes back with a new id starts from its own crops only.
+    gone = run(bundle, [*frames[:9], updates[0],
+                        ("tracks", VisionUpdate(stream="tracks", pts_ns=int(1e9),
+                                                labels=["violin#2"], track_ids=[2],
+                                                boxes=boxes[1],
+                                                arrays={"class_ids": np.array([11])}))])
+    np.testing.assert_allclose(gone[1].arrays["obj_feats"][0], expected([1]), atol=1e-5)
