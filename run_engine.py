@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="CLASSES",
                        help="when no instrument is detected, separate with the learned queries "
                             "of all classes (no value) or of a comma-separated list")
-    model.add_argument("--detect-every", type=float, default=1.0, metavar="S",
-                       help="seconds of video between detections (default 1)")
+    model.add_argument("--detect-every", type=float, default=0.25, metavar="S",
+                       help="seconds of video between detector runs (default 0.25; a new "
+                            "track needs 2 detections in a row)")
+    model.add_argument("--update-every", type=float, default=1.0, metavar="S",
+                       help="seconds of video between track updates, i.e. new object and "
+                            "motion features for the separator (default 1)")
     model.add_argument("--score-threshold", type=float, default=None,
                        help="detector score a track needs (default: the bundle's)")
     run = ap.add_argument_group("running")
@@ -306,7 +310,8 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
             "format": audio_src.get("format") if video_url == audio_src.get("path") else None},
             0)
         nodes["detector"] = ("nodes.detector:Detector", {
-            "bundle": str(bundle), "interval_s": args.detect_every,
+            "bundle": str(bundle), "interval_s": args.update_every,
+            "detect_every_s": args.detect_every,
             "score_threshold": args.score_threshold, "device": args.device,
             "report_path": str(run_dir / "detector.report.json")}, None)
         nodes["motion"] = ("nodes.motion:Motion", {"bundle": str(bundle), "device": args.device},

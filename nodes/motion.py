@@ -2,12 +2,14 @@
 motion tokens (models/features.py, the same code as the training feature cache), sent on as one
 VisionUpdate for the separator.
 
-The object feature pools the track's crops at its last ``obj_frames`` detections, each cut from
-the frame of that detection with that detection's own box: the training cache pools
-``obj_frames`` frames spread over the clip, each with its own box, and a box applied to frames
-from before it was detected cuts a moving player badly (measured: cosine to the cached feature
-0.55-0.8 on such updates, 0.95-1.0 with the per-detection crops). The motion tokens come from
-the crop tube of the last ``tube_frames`` frames of a ring buffer at the current box.
+The object feature pools ``obj_frames`` crops spread over the track's recent detections
+(``history_boxes`` / ``history_pts`` of the detector's update), each cut from the frame of that
+detection with that detection's own box: the training cache pools ``obj_frames`` frames spread
+over the clip, each with its own box, and one box applied to frames from before it was detected
+cuts a moving player badly (measured: cosine to the cached feature 0.55-0.8 on such updates,
+0.95-1.0 with per-detection crops). An update without a history (another detector node) pools
+the crop of its own frame. The motion tokens come from the crop tube of the last
+``tube_frames`` frames of a ring buffer, at the current box.
 
 Features are computed at the tracks update's own media time from the frames at or before it,
 so a file gives the same features however fast its frames and tracks arrive; a tracks update
@@ -24,6 +26,7 @@ from engine.messages import EndOfStream, Message, VideoFrame, VisionUpdate
 from engine.node import Node, Outputs
 
 MAX_RING_S = 30.0  # frames kept while tracks lag behind (a detector still loading its model)
+HISTORY_S = 4.0  # frames kept before the next update for its detection history
 
 
 def pick_device(device: str) -> str:
@@ -55,7 +58,6 @@ class Motion(Node):
         self.bundle_path, self.device, self.threads = bundle, device, threads
         self.ring: deque[tuple[int, np.ndarray]] = deque()
         self.pending: deque[VisionUpdate] = deque()
-        self.obj_crops: dict[int, deque[np.ndarray]] = {}  # track id -> crops at its detections
         self.video_ended = False
         self._last_pts = 0  # media time of the newest tracks update
 
@@ -86,23 +88,31 @@ class Motion(Node):
         frames = [frames[0]] * (n - len(frames)) + frames
         return np.stack(frames)
 
-    def object_crops(self, update: VisionUpdate, frame: np.ndarray) -> list[np.ndarray]:
-        """Per track of ``update``: its crops (k, S, S, 3) uint8 at its last ``obj_frames``
-        detections, this one included unless the detector missed it here (a missed track
-        keeps a stale box). Tracks no longer in the update are forgotten."""
+    def frame_at(self, pts_ns: int) -> np.ndarray:
+        """The ring's frame at ``pts_ns`` (the newest one at or before it; else the oldest)."""
+        best = self.ring[0][1]
+        for t, img in self.ring:
+            if t > pts_ns:
+                break
+            best = img
+        return best
+
+    def object_crops(self, update: VisionUpdate, i: int) -> np.ndarray:
+        """Track ``i`` of ``update`` -> (k, S, S, 3) uint8: crops at up to ``obj_frames``
+        of its recent detections, spread evenly, each from its own frame and box."""
         from models.features import crop_image
 
-        missed = np.asarray(update.arrays.get("missed", np.zeros(len(update.labels))))
-        ids = [int(t) for t in update.track_ids]
-        self.obj_crops = {t: c for t, c in self.obj_crops.items() if t in ids}
-        out = []
-        for i, tid in enumerate(ids):
-            crops = self.obj_crops.setdefault(tid, deque(maxlen=self.visual["obj_frames"]))
-            if not crops or not missed[i]:
-                crops.append(crop_image(frame, update.boxes[i], self.visual["obj_crop"],
-                                        self.visual["obj_margin"]))
-            out.append(np.stack(crops))
-        return out
+        pts = update.arrays.get("history_pts")
+        if pts is None:
+            shots = [(update.pts_ns, update.boxes[i])]
+        else:
+            have = np.flatnonzero(np.asarray(pts[i]) >= 0)
+            shots = [(int(pts[i][j]), update.arrays["history_boxes"][i][j]) for j in have]
+            shots = shots or [(update.pts_ns, update.boxes[i])]
+        pick = np.linspace(0, len(shots) - 1, min(self.visual["obj_frames"], len(shots)))
+        return np.stack([crop_image(self.frame_at(shots[j][0]), shots[j][1],
+                                    self.visual["obj_crop"], self.visual["obj_margin"])
+                         for j in np.unique(pick.round().astype(int))])
 
     def features(self, update: VisionUpdate) -> VisionUpdate:
         """Tracks update -> the same tracks with object features and motion tokens."""
@@ -114,9 +124,8 @@ class Motion(Node):
         feats = np.zeros((n, obj_dim), np.float32)
         tokens: list[np.ndarray] = []
         frames = self.tube(update.pts_ns)
-        # The update's own frame is the newest of its tube.
-        for i, crops in enumerate(self.object_crops(update, frames[-1])):
-            feats[i] = object_feature(self.obj_encoder, normalise(crops),
+        for i in range(n):
+            feats[i] = object_feature(self.obj_encoder, normalise(self.object_crops(update, i)),
                                       self.visual["obj_frames"]).numpy()
             boxes = np.repeat(np.asarray(update.boxes[i:i + 1], np.float32), len(frames), 0)
             mot = crop_boxes(frames, boxes, self.visual["motion_crop"],
@@ -140,7 +149,7 @@ class Motion(Node):
             yield "vision", self.features(self.pending.popleft())
         # Frames older than the oldest tube any later update can ask for are not needed.
         keep_from = (self.pending[0].pts_ns if self.pending else self._last_pts) \
-            - self.visual["tube_frames"] * self.step_ns
+            - max(self.visual["tube_frames"] * self.step_ns, int(HISTORY_S * 1e9))
         while len(self.ring) > 1 and self.ring[0][0] < keep_from:
             self.ring.popleft()
 
@@ -170,5 +179,4 @@ class Motion(Node):
     def stop(self) -> None:
         """Drop the encoders and frames."""
         self.ring.clear()
-        self.obj_crops.clear()
         self.obj_encoder = self.motion_encoder = None

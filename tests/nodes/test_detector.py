@@ -77,16 +77,45 @@ def test_detector_node_with_tiny_onnx_gives_stable_ids(tmp_path: Path) -> None:
                     input_size=40, report_path=str(report))
     out = run_node(node, [*frames, ("video", EndOfStream(stream="video"))])
     updates = [m for _, m in out if isinstance(m, VisionUpdate)]
-    assert [u.pts_ns for u in updates] == [0, 1_000_000_000, 2_000_000_000]
-    for u in updates:
+    # Detections every 0.25 s; the first update once a track can be confirmed (2 detections),
+    # then one per second.
+    assert [u.pts_ns for u in updates] == [250_000_000, 1_250_000_000, 2_250_000_000]
+    assert node.counters["detections"] == 10
+    for k, u in enumerate(updates):
         assert u.labels == ["violin#1", "flute#1"]  # horn is under the threshold
         assert u.track_ids == [1, 2]
         # Boxes in the frame's pixels although the detector saw a 40-pixel image.
         np.testing.assert_allclose(u.boxes, [[8, 6, 32, 54], [48, 6, 72, 54]], atol=1e-3)
         assert u.arrays["class_ids"].tolist() == [11, 6]
+        # The detection history, oldest first, padded in front: 2 detections, then 6, then 8.
+        pts = u.arrays["history_pts"]
+        assert pts.shape == (2, 8) and u.arrays["history_boxes"].shape == (2, 8, 4)
+        want = [t * 250_000_000 for t in range([2, 6, 10][k])][-8:]
+        assert pts[0].tolist() == [-1] * (8 - len(want)) + want
+        np.testing.assert_allclose(u.arrays["history_boxes"][1, -1], [48, 6, 72, 54], atol=1e-3)
     assert isinstance(out[-1][1], EndOfStream) and out[-1][1].stream == "tracks"
     seen = json.loads(report.read_text())
-    assert seen["violin#1"]["spans"] == [[0.0, 2.0]] and seen["flute#1"]["class"] == "flute"
+    assert seen["violin#1"]["spans"] == [[0.0, 2.25]] and seen["flute#1"]["class"] == "flute"
+
+
+def test_tracker_confirms_tracks_after_min_hits_in_a_row() -> None:
+    """A class seen on one detection only opens no track (and uses no number); one seen
+    twice in a row does; the history holds each track's last detections."""
+    tr = IoUTracker(CLASSES, iou_threshold=0.3, max_missed=2, min_hits=2, history=3)
+    violin = np.array([[0, 0, 10, 10]], np.float32)
+    flute = np.array([[40, 0, 50, 10]], np.float32)
+    both = np.concatenate([violin, flute])
+    tracks, _ = tr.update(both, np.array([0, 1]), np.ones(2), 0.0)
+    assert tracks == []  # tentative
+    tracks, _ = tr.update(violin + 1, np.array([0]), np.ones(1), 0.25)
+    assert [t.label for t in tracks] == ["violin#1"]  # the flute was missed: forgotten
+    tracks, _ = tr.update(both + 2, np.array([0, 1]), np.ones(2), 0.5)
+    assert [t.label for t in tracks] == ["violin#1"]  # the flute starts again, tentative
+    tracks, _ = tr.update(both + 3, np.array([0, 1]), np.ones(2), 0.75)
+    assert [(t.label, t.track_id) for t in tracks] == [("violin#1", 1), ("flute#1", 2)]
+    assert [ts for ts, _ in tracks[0].history] == [0.25, 0.5, 0.75]  # the last 3
+    np.testing.assert_allclose(tracks[0].history[-1][1], violin[0] + 3)
+    assert tracks[0].spans == [[0.0, 0.75]]
 
 
 def test_detector_refuses_bad_settings() -> None:
@@ -94,5 +123,9 @@ def test_detector_refuses_bad_settings() -> None:
         Detector(bundle="x", device="tpu")
     with pytest.raises(ValueError, match="max_missed"):
         IoUTracker(CLASSES, max_missed=0)
+    with pytest.raises(ValueError, match="min_hits"):
+        IoUTracker(CLASSES, min_hits=0)
+    with pytest.raises(ValueError, match="detect_every_s"):
+        Detector(bundle="x", detect_every_s=-1)
     with pytest.raises(ValueError, match="class_iou_threshold"):
         Detector(bundle="x", class_iou_threshold=0.0)

@@ -66,39 +66,46 @@ def test_no_tracks_gives_an_empty_update_and_no_frames_waits(bundle: str) -> Non
 
 
 def test_object_feature_pools_crops_at_the_tracks_own_detections(bundle: str) -> None:
-    """A moving player: the feature pools the crops cut at each detection's frame with that
-    detection's box (as the training cache does), not the newest box over older frames; a
-    missed detection (stale box) adds no crop."""
+    """A moving player: the feature pools crops spread over the track's detection history,
+    each cut from its own frame with its own box (as the training cache does), not the newest
+    box over older frames; without a history, the crop of the update's own frame."""
     from models.features import crop_image, normalise, object_feature
     from nodes.bundle import load_bundle
 
     frames = [frame(i) for i in range(25)]
-    boxes = [np.array([[2 + 8 * k, 4, 26 + 8 * k, 40]], np.float32) for k in range(4)]
-    updates = [("tracks", VisionUpdate(stream="tracks", pts_ns=int(k * 1e9), labels=["violin#1"],
-                                       track_ids=[1], boxes=boxes[k],
-                                       arrays={"class_ids": np.array([11]),
-                                               "missed": np.array([int(k == 3)])}))
-               for k in range(4)]
-    out = run(bundle, [*frames, *updates])
+    # Detections every 2 frames (0.25 s), the player moving 4 px right each time.
+    det = {k: np.array([2 + 4 * k, 4, 26 + 4 * k, 40], np.float32) for k in range(0, 17, 2)}
+
+    def update(at: int, ks: list[int], history: bool = True) -> tuple[str, VisionUpdate]:
+        arrays = {"class_ids": np.array([11])}
+        if history:
+            arrays |= {"history_boxes": np.stack([np.zeros(4, np.float32)]
+                                                 + [det[k] for k in ks])[None],
+                       "history_pts": np.array([[-1] + [int(k * 0.125e9) for k in ks]])}
+        return "tracks", VisionUpdate(stream="tracks", pts_ns=int(at * 0.125e9),
+                                      labels=["violin#1"], track_ids=[1],
+                                      boxes=det[at][None], arrays=arrays)
+
     b = load_bundle(bundle)
     enc, v = b.load_object_encoder("cpu"), b.visual
 
     def expected(ks: list[int]) -> np.ndarray:
-        crops = [crop_image(frames[8 * k][1].image, boxes[k][0], v["obj_crop"], v["obj_margin"])
+        crops = [crop_image(frames[k][1].image, det[k], v["obj_crop"], v["obj_margin"])
                  for k in ks]
         return object_feature(enc, normalise(np.stack(crops)), v["obj_frames"]).numpy()
 
-    last = [0, 1, 2][-v["obj_frames"]:]  # the newest obj_frames detections
-    assert len(last) >= 2
-    np.testing.assert_allclose(out[0].arrays["obj_feats"][0], expected([0]), atol=1e-5)
-    np.testing.assert_allclose(out[2].arrays["obj_feats"][0], expected(last), atol=1e-5)
-    # Update 3 missed the player: the same crops as update 2.
-    np.testing.assert_allclose(out[3].arrays["obj_feats"][0], expected(last), atol=1e-5)
-    assert not np.allclose(out[2].arrays["obj_feats"][0], out[0].arrays["obj_feats"][0])
-    # A track that leaves and comes back with a new id starts from its own crops only.
-    gone = run(bundle, [*frames[:9], updates[0],
-                        ("tracks", VisionUpdate(stream="tracks", pts_ns=int(1e9),
-                                                labels=["violin#2"], track_ids=[2],
-                                                boxes=boxes[1],
-                                                arrays={"class_ids": np.array([11])}))])
-    np.testing.assert_allclose(gone[1].arrays["obj_feats"][0], expected([1]), atol=1e-5)
+    n = v["obj_frames"]
+    assert n >= 2
+    out = run(bundle, [*frames, update(2, [0, 2]), update(16, [2, 4, 6, 8, 10, 12, 14, 16]),
+                       update(8, [8], history=False)])
+    np.testing.assert_allclose(out[0].arrays["obj_feats"][0], expected([0, 2]), atol=1e-5)
+    spread = np.linspace(0, 7, n).round().astype(int)  # evenly over the 8 detections
+    np.testing.assert_allclose(out[1].arrays["obj_feats"][0],
+                               expected([[2, 4, 6, 8, 10, 12, 14, 16][j] for j in spread]),
+                               atol=1e-5)
+    np.testing.assert_allclose(out[2].arrays["obj_feats"][0], expected([8]), atol=1e-5)
+    # Not the newest box over the older frames.
+    old_way = object_feature(enc, normalise(np.stack([
+        crop_image(frames[k][1].image, det[16], v["obj_crop"], v["obj_margin"])
+        for k in (2, 16)])), n).numpy()
+    assert not np.allclose(out[1].arrays["obj_feats"][0], old_way, atol=1e-3)
