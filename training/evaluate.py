@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.spectral import istft, stft
+from models.spectral import apply_masks, istft, stft, warp
 from training.metrics import bss_eval
 from training.music_data import list_ensembles, load_audio, read_pairs
 from training.separate import Query, separate_wave
@@ -83,6 +83,18 @@ def irm(item: Item) -> np.ndarray:
     spec_mix = stft(torch.from_numpy(item["mix"]).float())
     mask = (spec_src.abs() / spec_src.abs().sum(0, keepdim=True).clamp_min(1e-8)).clamp(0, 1)
     return istft(mask * spec_mix, refs.shape[-1]).numpy()
+
+
+def irm_grid(item: Item, n_rows: int = 128) -> np.ndarray:
+    """The training target as an oracle: the ratio mask |S_k| / |S_mix| (clamped to [0, 1]) on
+    the model's warped grid of n_rows log-frequency rows, unwarped and applied to the mixture
+    as the model's masks are. The best a perfect separator of that resolution can do."""
+    refs = torch.from_numpy(item["refs"]).float()
+    spec_mix = stft(torch.from_numpy(item["mix"]).float())
+    mag_src = warp(stft(refs).abs()[None], n_rows)  # (1, K, n_rows, T)
+    mag_mix = warp(spec_mix.abs()[None, None], n_rows)
+    mask = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
+    return istft(apply_masks(mask, spec_mix[None])[0], refs.shape[-1]).numpy()
 
 
 def nmf_oracle(item: Item, n_components: int = 24, seed: int = 0) -> np.ndarray:
@@ -165,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0, help="evaluate the first S seconds")
     ap.add_argument("--max-pairs", type=int, default=None)
     ap.add_argument("--max-ensembles", type=int, default=None)
-    ap.add_argument("--baselines", default="mixture,irm,nmf")
+    ap.add_argument("--baselines", default="mixture,irm,irm_grid,nmf",
+                    help="comma-separated from mixture, irm, irm_grid (the training target on "
+                         "the cpu preset's 128-row grid), nmf")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:
@@ -179,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs: list[tuple[str, Callable[[Item], np.ndarray]]] = []
     base = {"mixture": lambda it: np.stack([it["mix"]] * len(it["refs"])),
-            "irm": irm, "nmf": nmf_oracle}
+            "irm": irm, "irm_grid": irm_grid, "nmf": nmf_oracle}
     labels = {"mixture": "Mixture", "irm": "Ideal ratio mask (oracle)",
+              "irm_grid": "Ideal ratio mask on the cpu model's 128-row grid (oracle)",
               "nmf": "NMF, oracle component assignment (upper bound)"}
     for b in filter(None, args.baselines.split(",")):
         if b not in base:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from models.spectral import HOP
-from training.evaluate import irm, score_row, to_markdown
+from training.evaluate import irm, irm_grid, score_row, to_markdown
 from training.mixdata import MixSampler, SoloClip
 from training.separate import Query, motion_len, motion_window, separate_wave, window_starts
 from training.train import (
@@ -150,8 +150,13 @@ def test_irm_beats_mixture_and_table_shape():
     refs = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * rng.standard_normal(len(t))])
     item = {"refs": refs, "mix": refs.sum(0)}
     rows = {"Mixture": score_row([item], lambda it: np.stack([it["mix"]] * 2)),
-            "IRM": score_row([item], irm)}
+            "IRM": score_row([item], irm), "IRM grid": score_row([item], irm_grid)}
     assert rows["IRM"]["sdr"] > rows["Mixture"]["sdr"] + 5
+    # The 128-row grid blurs the tone into its noisy neighbours: an oracle, but a lower one;
+    # on 512 rows (as many as bins) it is sharper.
+    assert rows["Mixture"]["sdr"] + 3 < rows["IRM grid"]["sdr"] < rows["IRM"]["sdr"]
+    fine = score_row([item], lambda it: irm_grid(it, 512))
+    assert fine["sdr"] > rows["IRM grid"]["sdr"]
     assert rows["IRM"]["n_sources"] == 2
     md = to_markdown({"pairs": rows, "ensembles": {}, "n_pairs": 1, "n_ensembles": 0,
                       "seconds": 2.0})
