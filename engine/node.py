@@ -41,7 +41,13 @@ from typing import Any, ClassVar
 import zmq
 
 from engine.messages import ALL_STREAMS, EndOfStream, Message
-from engine.transport import FINISH_LINGER_MS, CurveKeys, Receiver, Sender
+from engine.transport import (
+    FINISH_LINGER_MS,
+    CurveKeys,
+    Receiver,
+    Sender,
+    stop_authenticator,
+)
 
 Outputs = Iterable[tuple[str, Message]]
 MAX_TRAILS = 50_000  # trails a sink keeps for the profiler (about 5 minutes of 1024-sample chunks)
@@ -250,6 +256,7 @@ class Runner:
                 # starting; a stopped one gives them a short grace only.
                 s.close(FINISH_LINGER_MS if self.finished else None)
         if self._own_ctx:
+            stop_authenticator(self.ctx)  # only accepts new connections: none are needed now
             self.ctx.term()  # returns once queued messages are delivered or their linger ends
         if self.wiring.stats_path:
             tmp = self.wiring.stats_path + ".tmp"

@@ -120,6 +120,14 @@ def _start_authenticator(ctx: zmq.Context, keys: CurveKeys) -> None:
     _authenticators[id(ctx)] = auth
 
 
+def stop_authenticator(ctx: zmq.Context) -> None:
+    """Stop the ZAP handler that a CURVE bind started on ``ctx``, if any. Call it before
+    ``ctx.term()``: the handler's thread would keep the process from exiting."""
+    auth = _authenticators.pop(id(ctx), None)
+    if auth is not None:
+        auth.stop()
+
+
 def bind(sock: zmq.Socket, endpoint: str, curve: CurveKeys | None = None) -> None:
     """Bind ``sock``; a tcp bind off loopback needs ``curve`` (else InsecureBindError)."""
     scheme, host, _ = parse_endpoint(endpoint)

@@ -27,7 +27,7 @@ import zmq
 
 from engine.messages import AudioChunk, EndOfStream, Message
 from engine.node import Node, Outputs
-from engine.transport import CurveKeys, Sender
+from engine.transport import CurveKeys, Sender, stop_authenticator
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._#+-]")
 WAV_DTYPES = {"float32": (3, 4), "int16": (1, 2)}  # name -> (WAVE format tag, bytes per sample)
@@ -248,5 +248,6 @@ class TapSink(Node):
             self.pub.close()
             self.pub = None
         if self.ctx is not None:
+            stop_authenticator(self.ctx)  # a CURVE bind's handler thread would block the exit
             self.ctx.term()
             self.ctx = None
