@@ -5,6 +5,7 @@ Format (every key but ``class`` and the edges' ``from``/``to`` is optional)::
     [graph]
     name = "identity"
     transport = "ipc"            # "ipc" (sockets in the run directory) or "tcp" (loopback ports)
+    base_port = 5550             # fixed ports for nodes with a host (needed to split the graph)
 
     [security]                   # required as soon as a node names a non-loopback host
     server_secret = "keys/server.key_secret"
@@ -25,6 +26,14 @@ Format (every key but ``class`` and the edges' ``from``/``to`` is optional)::
 ``{graph_dir}`` in a string parameter is replaced by the directory of the graph file.
 The receiving side of a push->pull edge binds (many producers may feed one port); the sending
 side of a pub->sub edge binds (many subscribers may listen).
+
+Ports. A node without ``host`` binds ipc sockets (or free loopback tcp ports). A node with a
+``host`` binds ``tcp://host:port``: a free port when ``base_port`` is not set; with
+``base_port``, the ports ``base_port, base_port + 1, ...`` in the order of :func:`bound_sockets`
+(nodes in file order; per node its fed "pull" inputs, then its "pub" outputs that have
+subscribers, each in the order its class declares them), counting only nodes with a host. So
+every machine that reads the same file (and the same node classes) computes the same wiring,
+which is what running one graph over several machines needs (``engine.launcher --host``).
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ class Graph:
     transport: str = "ipc"
     curve: CurveKeys | None = None
     base_dir: str = "."
+    base_port: int | None = None
 
 
 def resolve_class(path: str) -> type[Node]:
@@ -124,6 +134,9 @@ def parse_graph(data: dict[str, Any], base_dir: str = ".") -> Graph:
     transport = meta.get("transport", "ipc")
     if transport not in TRANSPORTS:
         raise GraphError(f"graph.transport {transport!r}; allowed: {list(TRANSPORTS)}")
+    base_port = meta.get("base_port")
+    if base_port is not None and (type(base_port) is not int or not 1 <= base_port <= 65535):
+        raise GraphError(f"graph.base_port {base_port!r}; allowed: an integer from 1 to 65535")
     curve = None
     if "security" in data:
         sec = _subst(data["security"], base_dir)
@@ -160,7 +173,7 @@ def parse_graph(data: dict[str, Any], base_dir: str = ".") -> Graph:
                 raise GraphError(f"edge {e.get('from')} -> {e.get('to')} names unknown node {n!r}; "
                                  f"nodes: {list(nodes)}")
         edges.append(EdgeSpec(src, src_port, dst, dst_port, e.get("hwm")))
-    return Graph(meta.get("name", "graph"), nodes, edges, transport, curve, base_dir)
+    return Graph(meta.get("name", "graph"), nodes, edges, transport, curve, base_dir, base_port)
 
 
 def load_graph(path: str | Path) -> Graph:
@@ -191,6 +204,51 @@ def validate(graph: Graph) -> dict[str, type[Node]]:
     return classes
 
 
+def hosts(graph: Graph) -> list[str]:
+    """The distinct ``host`` values of the nodes, in file order."""
+    return list(dict.fromkeys(n.host for n in graph.nodes.values() if n.host is not None))
+
+
+def placed_on(graph: Graph, host: str) -> list[str]:
+    """The nodes to run on ``host`` when the graph is split over machines, in file order.
+
+    Raises GraphError when no node is placed there, when ``[graph] base_port`` is missing
+    (machines could not agree on ports) or when a node has no host (it would bind ipc or
+    loopback sockets, which no other machine can reach, and no ``--host`` would run it).
+    """
+    names = [name for name, spec in graph.nodes.items() if spec.host == host]
+    if not names:
+        raise GraphError(f"no node is placed on host {host!r}; hosts in graph "
+                         f"{graph.name!r}: {hosts(graph) or 'none (no node names a host)'}")
+    if graph.base_port is None:
+        raise GraphError("a graph split over hosts needs [graph] base_port = <port> so that "
+                         "every machine computes the same tcp ports")
+    homeless = [name for name, spec in graph.nodes.items() if spec.host is None]
+    if homeless:
+        raise GraphError(f"nodes {homeless} have no host: in a graph split over hosts every "
+                         f"node needs one (hosts: {hosts(graph)})")
+    return names
+
+
+def bound_sockets(graph: Graph, classes: dict[str, type[Node]]) -> list[tuple[str, str, str]]:
+    """Every socket that binds, as ``(node, "in" | "out", port)``, in port-numbering order.
+
+    Nodes in file order; per node, its "pull" inputs that some edge feeds, then its "pub"
+    outputs that some edge reads, each in the order the node's class declares its ports.
+    """
+    out = []
+    for name, cls in classes.items():
+        for port, pattern in cls.inputs.items():
+            if pattern == "pull" and any(e.dst == name and e.dst_port == port
+                                         for e in graph.edges):
+                out.append((name, "in", port))
+        for port, pattern in cls.outputs.items():
+            if pattern == "pub" and any(e.src == name and e.src_port == port
+                                        for e in graph.edges):
+                out.append((name, "out", port))
+    return out
+
+
 def _free_port(host: str) -> int:
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
@@ -208,7 +266,7 @@ def allocate(
     """Give every bound socket an endpoint and return each node's wiring.
 
     ipc sockets live in ``sock_dir`` (default ``run_dir``; a socket path must stay under ~100
-    characters).
+    characters). Nodes with a host get ``base_port`` + i when it is set (see the module doc).
     """
     run_dir = Path(run_dir)
     sock_dir = Path(sock_dir or run_dir)
@@ -227,13 +285,26 @@ def allocate(
                              "sock_dir or graph.transport = 'tcp'")
         return f"ipc://{path}"
 
+    bound: dict[tuple[str, str, str], str] = {}
+    next_port = graph.base_port
+    for node, direction, port in bound_sockets(graph, classes):
+        host = graph.nodes[node].host
+        if host is not None and next_port is not None:
+            if next_port > 65535:
+                raise GraphError(f"graph.base_port {graph.base_port} leaves too few ports below "
+                                 "65536 for the sockets of the nodes with a host")
+            bound[node, direction, port] = f"tcp://{host}:{next_port}"
+            next_port += 1
+        else:
+            bound[node, direction, port] = endpoint(node, port, direction)
+
     for name, cls in classes.items():
         for port, pattern in cls.inputs.items():
             feeding = [e for e in graph.edges if e.dst == name and e.dst_port == port]
             if not feeding:
                 continue
             if pattern == "pull":
-                ep = endpoint(name, port, "in")
+                ep = bound[name, "in", port]
                 hwm = max((e.hwm or 0) for e in feeding) or None
                 wiring[name].inputs[port] = PortWiring("pull", [ep], True, hwm, len(feeding))
                 for e in feeding:
@@ -245,7 +316,7 @@ def allocate(
         for port, pattern in cls.outputs.items():
             fed = [e for e in graph.edges if e.src == name and e.src_port == port]
             if pattern == "pub" and fed:
-                ep = endpoint(name, port, "out")
+                ep = bound[name, "out", port]
                 hwm = max((e.hwm or 0) for e in fed) or None
                 wiring[name].outputs[port] = [PortWiring("pub", [ep], True, hwm)]
                 for e in fed:

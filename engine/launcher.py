@@ -7,6 +7,12 @@ to ``max_restarts`` times; past that the whole graph is stopped and the summary 
 stop every node gets SIGTERM (its loop ends, ``stop()`` closes files), stragglers SIGKILL after
 a grace period; each worker also asks the kernel for SIGTERM if the launcher dies, so no node
 outlives it. Each node logs to ``<run_dir>/<node>.log`` and writes ``<node>.stats.json``.
+
+One graph over several machines: ``python -m engine.launcher graph.toml --host ADDR`` on each
+machine runs only the nodes whose ``host`` is ADDR (the graph needs ``[graph] base_port`` and a
+host on every node; see engine.graph). Each such launcher supervises and restarts its own
+nodes only, and ends when those of them that end its part have finished: its sinks and its
+nodes that feed another host. Without ``--host`` the whole graph runs here.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from engine.graph import Graph, allocate, load_graph, resolve_class
+from engine.graph import Graph, GraphError, allocate, load_graph, placed_on, resolve_class
 from engine.messages import ALL_STREAMS, EndOfStream
 from engine.node import PortWiring, Runner, Wiring, install_signal_handlers
 from engine.profiler import summarize
@@ -47,7 +53,7 @@ class NodeProcess:
     spec_path: str
     log_path: str
     max_restarts: int
-    is_sink: bool
+    is_end: bool  # a sink, or a node that feeds another host: the run waits for these
     proc: subprocess.Popen | None = None
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
@@ -67,8 +73,11 @@ class Launcher:
         *,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         log: Any = None,
+        host: str | None = None,
     ) -> None:
         self.graph = graph if isinstance(graph, Graph) else load_graph(graph)
+        self.host = host  # None: every node; else only the nodes placed on this host
+        self.own = list(self.graph.nodes) if host is None else placed_on(self.graph, host)
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"iq-run-{self.graph.name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._sock_dir = tempfile.mkdtemp(prefix="iq-")  # short: ipc paths are length-limited
@@ -81,14 +90,20 @@ class Launcher:
         self._t0 = 0.0
 
     def start(self) -> None:
-        """Allocate endpoints, write one spec per node and start every process."""
+        """Allocate endpoints, write one spec per node and start this launcher's processes."""
         wiring = allocate(self.graph, self.run_dir, self._sock_dir)
         upstream: dict[str, list[tuple[str, str]]] = {name: [] for name in self.graph.nodes}
+        feeds_away: set[str] = set()
         for e in self.graph.edges:
             port = wiring[e.dst].inputs[e.dst_port]
             if port.pattern == "pull":
                 upstream[e.dst].append((e.src, port.endpoints[0]))
-        for name, spec in self.graph.nodes.items():
+            if e.src in self.own and e.dst not in self.own:
+                feeds_away.add(e.src)
+        if self.host is not None:
+            self.log(f"host {self.host}: nodes {self.own}; binds {_bound(wiring, self.own)}")
+        for name in self.own:
+            spec = self.graph.nodes[name]
             spec_path = self.run_dir / f"{name}.spec.json"
             spec_path.write_text(json.dumps({
                 "name": name, "class": spec.cls, "params": spec.params,
@@ -97,7 +112,8 @@ class Launcher:
             self.nodes[name] = NodeProcess(
                 name, str(spec_path), str(self.run_dir / f"{name}.log"),
                 self.max_restarts if spec.max_restarts is None else spec.max_restarts,
-                is_sink=not wiring[name].outputs, upstream=upstream[name],
+                is_end=not wiring[name].outputs or name in feeds_away,
+                upstream=upstream[name],
             )
         self._t0 = time.monotonic()
         for np_ in self.nodes.values():
@@ -133,8 +149,9 @@ class Launcher:
             n.ends_sent.clear()
             self._spawn(n)
         self._stand_in_ends()
-        sinks = [n for n in self.nodes.values() if n.is_sink]
-        return all(n.done for n in sinks) or all(n.done for n in self.nodes.values())
+        ends = [n for n in self.nodes.values() if n.is_end]
+        return (bool(ends) and all(n.done for n in ends)) or all(
+            n.done for n in self.nodes.values())
 
     def _stand_in_ends(self) -> None:
         """Send a restarted node the final ends its dead predecessor consumed.
@@ -143,16 +160,17 @@ class Launcher:
         EndOfStream(ALL) of an upstream node that has since exited: without a stand-in the
         restarted node would wait forever. Sent only for upstream nodes that exited 0 at least
         END_GRACE_S ago, when all their data has long been delivered; the receiving node counts
-        ends per sender, so a repeated end is harmless.
+        ends per sender, so a repeated end is harmless. An upstream node on another host is
+        not watched from here: no stand-in for its end.
         """
         now = time.monotonic()
         for n in self.nodes.values():
             if n.restarts == 0 or n.done:
                 continue
             for up, endpoint in n.upstream:
-                u = self.nodes[up]
+                u = self.nodes.get(up)
                 key = f"{up}@{endpoint}"
-                if key in n.ends_sent or not u.done or u.exit_codes[-1:] != [0]:
+                if u is None or key in n.ends_sent or not u.done or u.exit_codes[-1:] != [0]:
                     continue
                 if now - u.done_at < END_GRACE_S:
                     continue
@@ -231,6 +249,7 @@ class Launcher:
             nodes[name] = {"restarts": n.restarts, "exit_codes": n.exit_codes, **stats}
         return {
             "graph": self.graph.name,
+            "host": self.host,
             "reason": reason,
             "error": self.failed,
             "wall_s": time.monotonic() - self._t0,
@@ -249,6 +268,17 @@ def launch(
 ) -> dict[str, Any]:
     """Run a graph to completion and return its summary (see Launcher.summary)."""
     return Launcher(graph, run_dir, max_restarts=max_restarts).run(timeout)
+
+
+def _bound(wiring: dict[str, Wiring], names: list[str]) -> list[str]:
+    """The endpoints the nodes ``names`` bind (what a firewall must let in)."""
+    out = []
+    for name in names:
+        w = wiring[name]
+        for pw in [*w.inputs.values(), *(pw for pws in w.outputs.values() for pw in pws)]:
+            if pw.bind:
+                out.extend(pw.endpoints)
+    return out
 
 
 # ------------------------------------------------------------------------------- the worker
@@ -302,14 +332,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", help="where logs, specs and stats go (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     ap.add_argument("--max-restarts", type=int, default=DEFAULT_MAX_RESTARTS)
+    ap.add_argument("--host", metavar="ADDR",
+                    help="run only the nodes whose host is ADDR: one part of a graph split over "
+                         "machines, one launcher per machine (needs [graph] base_port and a "
+                         "host on every node; default: the whole graph here)")
     ap.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
     if not args.graph:
         ap.error("a graph file is required")
-    launcher = Launcher(args.graph, args.run_dir, max_restarts=args.max_restarts)
+    try:
+        launcher = Launcher(args.graph, args.run_dir, max_restarts=args.max_restarts,
+                            host=args.host)
+    except (GraphError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     launcher.log(f"run dir {launcher.run_dir}")
+    try:
+        launcher.start()  # checks the classes and ports before anything runs
+    except GraphError as exc:
+        launcher.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = launcher.run(args.timeout)
     print(json.dumps(summary, indent=1))
     return 0 if summary["reason"] in ("finished", "signal") else 1

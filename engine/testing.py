@@ -12,7 +12,9 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from engine.messages import Message, decode, encode
+import numpy as np
+
+from engine.messages import AudioChunk, EndOfStream, Message, decode, encode
 from engine.node import Node, Outputs, stamp
 
 
@@ -124,3 +126,36 @@ class CrashOnce(PassThrough):
             Path(self.marker).write_text("crashed")
             os._exit(3)  # no clean-up at all: what a segfault in a native library looks like
         yield "out", msg
+
+
+class ArraySource(Node):
+    """Plays a 1-D float32 ``.npy`` file as AudioChunks of ``block`` samples, then
+    ``EndOfStream(stream, time=length)``: a file source for runtime tests that starts fast
+    (nodes.sources:FileSource imports torch and PyAV)."""
+
+    outputs = {"audio": "push"}
+    tick_interval = 0.0
+
+    def __init__(self, *, path: str, block: int = 1024, stream: str = "mix",
+                 sample_rate: int = 11025) -> None:
+        super().__init__()
+        self.path, self.block, self.stream, self.sample_rate = path, block, stream, sample_rate
+        self.pos = 0
+
+    def start(self) -> None:
+        """Load the samples."""
+        self.samples = np.load(self.path)
+        if self.samples.ndim != 1 or self.samples.dtype != np.float32:
+            raise ValueError(f"{self.path}: need 1-D float32 samples, got "
+                             f"{self.samples.dtype} {self.samples.shape}")
+
+    def tick(self) -> Outputs:
+        """The next block; after the last one the stream's end."""
+        if self.pos < len(self.samples):
+            chunk = self.samples[self.pos:self.pos + self.block]
+            yield "audio", AudioChunk(stream=self.stream, sample_index=self.pos, samples=chunk,
+                                      sample_rate=self.sample_rate)
+            self.pos += len(chunk)
+        else:
+            yield "audio", EndOfStream(stream=self.stream, time=len(self.samples))
+            self.exhausted = True
