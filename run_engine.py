@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="video source when it is not --input: 'camera' (/dev/video0), "
                            "/dev/videoN, tcp:// udp:// rtsp:// URL or a file; 'none' for no video")
     what.add_argument("--graph", metavar="TOML", help="run this graph file instead (every other "
-                      "option but --run-dir/--timeout is ignored)")
+                      "option but --run-dir/--timeout/--host is ignored)")
+    what.add_argument("--host", metavar="ADDR",
+                      help="with --graph: run only the nodes whose host is ADDR, this machine's "
+                           "part of a graph split over machines (run one per machine; needs "
+                           "[graph] base_port; see docs/ENGINE.md)")
     what.add_argument("--list-devices", action="store_true",
                       help="list sound cards and cameras, then exit")
     out = ap.add_argument_group("outputs")
@@ -570,13 +574,15 @@ def run(args: argparse.Namespace) -> int:
     if args.graph:
         try:
             graph = load_graph(args.graph)
+            launcher = Launcher(graph, args.run_dir, host=args.host)
         except (GraphError, OSError) as exc:
             raise UsageError(str(exc)) from None
-        launcher = Launcher(graph, args.run_dir)
         log(f"running {args.graph}; logs in {launcher.run_dir}")
         result = launcher.run(args.timeout)
         print(format_summary(result["latency"]))
         return EXIT_OK if result["reason"] in ("finished", "signal") else EXIT_FAILED
+    if args.host:
+        raise UsageError("--host ADDR runs part of a graph: it needs --graph")
     demo_stems: Path | None = None
     if args.demo:
         clip = demo_clip(Path(args.demo_dir))
