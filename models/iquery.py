@@ -309,9 +309,33 @@ class IQuery(nn.Module):
         masks = self.predict_masks(q, emb)
         return masks.masked_fill(cache.query_pad[:, :, None, None], 0.0)
 
+    def forward_with_embeddings(self, x: Tensor, obj_feats: Tensor, class_ids: Tensor,
+                                motion: Tensor, motion_pad: Tensor, query_pad: Tensor
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+        """As forward, plus each query before and after the audio-aware layers (for the
+        auxiliary contrastive loss of the paper's Table 6).
+
+        Same inputs as forward -> (masks (B, Q, F, T), identical to forward's; visual_q
+        (B, Q, D), encode_visual's queries; audio_q (B, Q, D), decode_queries' output).
+        Embeddings of padded slots (query_pad True) are not zeroed: callers must drop them."""
+        cache = self.encode_visual(obj_feats, class_ids, motion, motion_pad, query_pad)
+        tokens, emb = self.encode_audio(x)
+        audio_q = self.decode_queries(cache.queries, cache.query_pad, tokens)
+        masks = self.predict_masks(audio_q, emb).masked_fill(
+            cache.query_pad[:, :, None, None], 0.0)
+        return masks, cache.queries, audio_q
+
     def forward(self, x: Tensor, obj_feats: Tensor, class_ids: Tensor, motion: Tensor,
-                motion_pad: Tensor, query_pad: Tensor) -> Tensor:
+                motion_pad: Tensor, query_pad: Tensor, return_embeddings: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """x (B, 1, F, T), obj_feats (B, Q, obj_dim), class_ids (B, Q), motion (B, Q, Tm, Dm),
-        motion_pad (B, Q, Tm) bool, query_pad (B, Q) bool -> masks (B, Q, F, T)."""
+        motion_pad (B, Q, Tm) bool, query_pad (B, Q) bool -> masks (B, Q, F, T).
+
+        return_embeddings=True returns forward_with_embeddings' triple instead; it exists so
+        that a DistributedDataParallel wrapper, which syncs gradients only for work done
+        through its forward, can reach the embeddings too."""
+        if return_embeddings:
+            return self.forward_with_embeddings(x, obj_feats, class_ids, motion, motion_pad,
+                                                query_pad)
         cache = self.encode_visual(obj_feats, class_ids, motion, motion_pad, query_pad)
         return self.separate(x, cache)

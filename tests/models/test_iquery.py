@@ -1,5 +1,5 @@
 """iQuery network: shapes, mask range, gradient flow, boolean padding, one-pass decoding and
-the audio-prompt freeze."""
+the audio-prompt freeze; the embeddings pass returns forward's masks."""
 
 import pytest
 import torch
@@ -88,6 +88,27 @@ def test_padded_queries_are_ignored_and_queries_interact(small_kwargs, make_batc
     torch.testing.assert_close(out[:, :2], ref[:, :2], rtol=0, atol=1e-6)
     assert (out[:, 2] == 0).all() and (ref[:, 2] == 0).all()
     assert (out_moved[:, 0] - ref[:, 0]).abs().max() > 1e-4
+
+
+def test_forward_with_embeddings_matches_forward(small_kwargs, make_batch) -> None:
+    torch.manual_seed(0)
+    model = IQuery(**small_kwargs).eval()
+    batch = make_batch(small_kwargs, b=2, q=3)
+    batch["query_pad"][1, 2] = True
+    with torch.no_grad():
+        ref = model(**batch)
+        masks, visual_q, audio_q = model.forward_with_embeddings(**batch)
+        via_forward = model(**batch, return_embeddings=True)
+        cache = model.encode_visual(batch["obj_feats"], batch["class_ids"], batch["motion"],
+                                    batch["motion_pad"], batch["query_pad"])
+        tokens, _ = model.encode_audio(batch["x"])
+        decoded = model.decode_queries(cache.queries, cache.query_pad, tokens)
+    torch.testing.assert_close(masks, ref, rtol=0, atol=0)
+    assert visual_q.shape == audio_q.shape == (2, 3, small_kwargs["d_model"])
+    torch.testing.assert_close(visual_q, cache.queries, rtol=0, atol=0)
+    torch.testing.assert_close(audio_q, decoded, rtol=0, atol=0)
+    for a, b in zip(via_forward, (masks, visual_q, audio_q), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_float_padding_mask_rejected(small_kwargs, make_batch) -> None:
