@@ -9,6 +9,8 @@ mixture magnitude; AdamW for the transformer, Adam for the audio network; a step
 scaled to the budget (x0.1 at 80%); validation SDR on a fixed set of val mixtures, best kept by
 val only. <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no
 pickle), <out>/best.* the best model. torchrun runs it data-parallel (gloo on CPU).
+--contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
+to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -74,9 +77,55 @@ def forward(model: nn.Module, t: dict[str, Tensor]) -> Tensor:
     return model(t["x"], t["obj"], t["class_ids"], t["motion"], t["motion_pad"], t["query_pad"])
 
 
+def forward_with_embeddings(model: nn.Module, t: dict[str, Tensor]
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> masks (B, K, n_rows, T), visual queries (B, K, D), audio-decoded queries (B, K, D).
+
+    Called through the model's forward (not the method) so that a DistributedDataParallel
+    wrapper syncs the gradients of this pass."""
+    if not hasattr(_unwrap(model), "forward_with_embeddings"):
+        raise ValueError(f"the contrastive loss needs a model with queries (iQuery), got "
+                         f"{type(_unwrap(model)).__name__}")
+    return model(t["x"], t["obj"], t["class_ids"], t["motion"], t["motion_pad"], t["query_pad"],
+                 return_embeddings=True)
+
+
 def mask_loss(masks: Tensor, target: Tensor, weight: Tensor) -> Tensor:
     """Weighted L1 between predicted and ratio masks."""
     return (weight * (masks - target).abs()).mean()
+
+
+def info_nce(audio_q: Tensor, visual_q: Tensor, query_pad: Tensor,
+             temperature: float = 0.1) -> Tensor:
+    """Auxiliary contrastive loss: audio_q, visual_q (B, K, D), query_pad (B, K) bool -> ().
+
+    The N unpadded sources of the batch (all B * K slots less the padded ones) give an (N, N)
+    matrix of cosine similarities / temperature between audio-decoded queries (rows) and
+    visual queries (columns); the diagonal pairs (a source's own two embeddings) are the
+    positives, every other source of the batch, in the same mixture or another, a negative.
+    Padded slots are dropped before the matrix is built, so their embeddings cannot matter.
+
+    Symmetric, the mean of the row-wise (audio -> visual) and column-wise (visual -> audio)
+    cross-entropies, as in CLIP: both embeddings are trained here (the visual query comes from
+    the learned query table, the object projection and the motion layer), and the audio ->
+    visual term alone normalises over visual candidates only, so a visual query never has to
+    pick out its own audio query among the others; the second term asks that of it at the
+    cost of one more log-softmax over the same matrix. Cosine (unit vectors) keeps the
+    logits within +-1 / temperature whatever the embedding norms.
+    """
+    assert audio_q.shape == visual_q.shape and audio_q.shape[:2] == query_pad.shape, (
+        f"audio_q {tuple(audio_q.shape)}, visual_q {tuple(visual_q.shape)}, "
+        f"query_pad {tuple(query_pad.shape)} do not match")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    keep = ~query_pad.reshape(-1)  # (B*K,)
+    a = F.normalize(audio_q.reshape(-1, audio_q.shape[-1])[keep], dim=-1)  # (N, D)
+    v = F.normalize(visual_q.reshape(-1, visual_q.shape[-1])[keep], dim=-1)  # (N, D)
+    if a.shape[0] == 0:
+        return a.new_zeros(())
+    logits = a @ v.T / temperature  # (N, N): rows audio, columns visual
+    labels = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -201,11 +250,27 @@ def set_lr(opts: list, base_lrs: list[list[float]], progress: float) -> None:
 
 
 def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
-               device: torch.device) -> torch.Tensor:
-    """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks,
-    step every optimizer. Returns the loss (detached from nothing: for logging only)."""
+               device: torch.device, contrastive_weight: float = 0.0,
+               temperature: float = 0.1, stats: dict[str, float] | None = None
+               ) -> torch.Tensor:
+    """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks
+    (+ contrastive_weight * info_nce when the weight is > 0, iQuery only), step every
+    optimizer. Returns the loss (detached from nothing: for logging only); `stats`, if
+    given, receives the float terms "mask" and "contrastive" (0.0 when the weight is 0).
+
+    A weight of 0 runs exactly the plain step (no embeddings, no extra work)."""
     t = to_tensors(sampler.sample(batch), n_rows, device)
-    loss = mask_loss(forward(model, t), t["target"], t["weight"])
+    if contrastive_weight > 0:
+        masks, visual_q, audio_q = forward_with_embeddings(model, t)
+        mask_term = mask_loss(masks, t["target"], t["weight"])
+        nce = info_nce(audio_q, visual_q, t["query_pad"], temperature)
+        loss = mask_term + contrastive_weight * nce
+    else:
+        loss = mask_term = mask_loss(forward(model, t), t["target"], t["weight"])
+        nce = None
+    if stats is not None:
+        stats["mask"] = mask_term.item()
+        stats["contrastive"] = 0.0 if nce is None else nce.item()
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
@@ -235,9 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exclude-classes", default="",
                     help="comma-separated class names left out of training and validation "
                          "(pre-training for audio prompts, training/prompts.py)")
+    ap.add_argument("--contrastive-weight", type=float, default=0.0,
+                    help="weight W of the auxiliary contrastive loss (audio-decoded query vs "
+                         "its visual query, InfoNCE); 0: off (default), iquery models only")
+    ap.add_argument("--contrastive-temperature", type=float, default=0.1,
+                    help="InfoNCE temperature (cosine similarities / T); default 0.1")
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    if args.contrastive_weight < 0:
+        ap.error(f"--contrastive-weight must be >= 0, got {args.contrastive_weight}")
+    if args.contrastive_weight > 0 and args.model == "sop":
+        ap.error(f"--contrastive-weight {args.contrastive_weight} needs queries: choose "
+                 f"--model iquery or iquery_nomotion (Sound-of-Pixels has none), got sop")
+    if args.contrastive_temperature <= 0:
+        ap.error(f"--contrastive-temperature must be > 0, got {args.contrastive_temperature}")
     try:
         return train(args)
     except (ValueError, FileNotFoundError) as e:
@@ -293,7 +370,9 @@ def train(args: argparse.Namespace) -> int:
             "kwargs": preset_kwargs(args.preset, "sop" if args.model == "sop" else "iquery"),
             "data": str(args.data), "command": "python -m training.train " + " ".join(
                 sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
-            "world_size": world, "excluded_classes": excluded}
+            "world_size": world, "excluded_classes": excluded,
+            "contrastive_weight": args.contrastive_weight,
+            "contrastive_temperature": args.contrastive_temperature}
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
     model.train()
@@ -307,20 +386,29 @@ def train(args: argparse.Namespace) -> int:
         if stop.item():
             break
         set_lr(opts, base_lrs, max(info["step"] / max_steps, elapsed / budget_s))
-        loss = train_step(model, opts, sampler, args.batch, n_rows, device)
+        terms: dict[str, float] = {}
+        loss = train_step(model, opts, sampler, args.batch, n_rows, device,
+                          contrastive_weight=args.contrastive_weight,
+                          temperature=args.contrastive_temperature, stats=terms)
         info["step"] += 1
         bar.update(1)
         if writer is not None:
             writer.add_scalar("train/loss", loss.item(), info["step"])
+            if args.contrastive_weight > 0:
+                writer.add_scalar("train/mask_loss", terms["mask"], info["step"])
+                writer.add_scalar("train/contrastive", terms["contrastive"], info["step"])
         last = info["step"] >= max_steps or time.time() - t_start >= budget_s
         if rank == 0 and (info["step"] % args.val_every == 0 or last):
             v = validate(_unwrap(model), val_batches, n_rows, device)
             info["elapsed"] = time.time() - t_start
+            extra = ({"mask_loss": terms["mask"], "contrastive": terms["contrastive"]}
+                     if args.contrastive_weight > 0 else {})
             info["history"].append({"step": info["step"], "elapsed": round(info["elapsed"], 1),
-                                    "loss": loss.item()} | v)
+                                    "loss": loss.item()} | extra | v)
             for k, val in v.items():
                 writer.add_scalar(f"val/{k}", val, info["step"])
-            bar.write(f"step {info['step']} loss {loss.item():.4f} val sdr {v['sdr']:.2f} "
+            nce = f" contrastive {terms['contrastive']:.4f}" if extra else ""
+            bar.write(f"step {info['step']} loss {loss.item():.4f}{nce} val sdr {v['sdr']:.2f} "
                       f"sir {v['sir']:.2f} sar {v['sar']:.2f} ({info['elapsed']:.0f} s)")
             if v["sdr"] > info["best_sdr"]:
                 info["best_sdr"], info["best_step"] = v["sdr"], info["step"]

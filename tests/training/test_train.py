@@ -1,6 +1,8 @@
 """Mix-and-Separate on synthetic clips: a training step lowers the loss on a fixed batch, a
 resumed run continues exactly like an uninterrupted one, sliding-window separation is an
-identity for all-ones masks, and the evaluation rows have the expected shape."""
+identity for all-ones masks, the evaluation rows have the expected shape, and the auxiliary
+contrastive loss (InfoNCE between audio-decoded and visual queries) ranks, ignores padding,
+reaches the queries and leaves the plain step untouched at weight 0."""
 
 import numpy as np
 import pytest
@@ -13,12 +15,16 @@ from training.mixdata import MixSampler, SoloClip
 from training.separate import Query, motion_len, motion_window, separate_wave, window_starts
 from training.train import (
     forward,
+    forward_with_embeddings,
+    info_nce,
     load_state,
+    main,
     make_model,
     make_optimizers,
     mask_loss,
     save_state,
     to_tensors,
+    train_step,
 )
 
 SMALL = {"ngf": 8, "d_model": 32, "n_heads": 2, "d_ffn": 64, "obj_dim": 16, "motion_dim": 8}
@@ -163,3 +169,135 @@ def test_irm_beats_mixture_and_table_shape():
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
     assert len(lines) == 2 + len(rows)
     assert all(ln.count("|") == 6 for ln in lines)
+
+
+# ------------------------------------------------------------- auxiliary contrastive loss
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: two threads spinning against busy cores made a step 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _plain_step(model, opts, sampler, batch):
+    """The Mix-and-Separate step as it was before the contrastive loss existed."""
+    t = to_tensors(sampler.sample(batch), model.n_rows, CPU)
+    loss = mask_loss(forward(model, t), t["target"], t["weight"])
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss.backward()
+    for o in opts:
+        o.step()
+    return loss
+
+
+def test_info_nce_of_orthogonal_matched_pairs_is_the_closed_form():
+    v = torch.eye(4)[None]  # (1, 4, 4): four orthogonal sources
+    pad = torch.zeros(1, 4, dtype=torch.bool)
+    # Logits 1/T on the diagonal, 0 elsewhere: -log(e^(1/T) / (e^(1/T) + 3)) both ways.
+    for temp in (0.1, 0.5):
+        expect = torch.log1p(3 * torch.exp(torch.tensor(-1 / temp)))
+        torch.testing.assert_close(info_nce(3 * v, v, pad, temp), expect)  # norms do not count
+
+
+def test_info_nce_is_lower_for_matched_than_for_shuffled_pairs():
+    gen = torch.Generator().manual_seed(0)
+    visual = torch.randn(2, 3, 16, generator=gen)
+    audio = visual + 0.3 * torch.randn(2, 3, 16, generator=gen)
+    pad = torch.zeros(2, 3, dtype=torch.bool)
+    shuffled = audio.reshape(6, 16)[[1, 2, 0, 4, 5, 3]].reshape(2, 3, 16)  # no source kept
+    matched, wrong = info_nce(audio, visual, pad), info_nce(shuffled, visual, pad)
+    assert torch.isfinite(matched) and matched < 0.5 * wrong, (matched, wrong)
+
+
+def test_info_nce_ignores_padded_queries():
+    gen = torch.Generator().manual_seed(1)
+    visual = torch.randn(2, 3, 16, generator=gen)
+    audio = visual + 0.5 * torch.randn(2, 3, 16, generator=gen)
+    pad = torch.zeros(2, 3, dtype=torch.bool)
+    pad[1, 2] = True
+    # The padded slot holds strong distractors: copies of another source's embeddings.
+    visual[1, 2], audio[1, 2] = audio[0, 0], visual[0, 1]
+    dense = info_nce(audio.reshape(1, 6, 16)[:, :5], visual.reshape(1, 6, 16)[:, :5],
+                     torch.zeros(1, 5, dtype=torch.bool))
+    torch.testing.assert_close(info_nce(audio, visual, pad), dense, rtol=0, atol=1e-6)
+    # Had the slot counted, the value would move: the test can tell.
+    assert abs(info_nce(audio, visual, torch.zeros_like(pad)) - dense) > 1e-2
+    all_pad = torch.ones_like(pad)
+    assert info_nce(audio, visual, all_pad) == 0
+
+
+def test_padded_query_slot_leaves_the_model_contrastive_loss_unchanged(one_thread):
+    torch.manual_seed(0)
+    model = small_model().eval()
+    t = to_tensors(MixSampler(tone_clips(), 64, seed=2).sample(3), model.n_rows, CPU)
+    padded = dict(t)
+    for k in ("obj", "class_ids", "motion", "motion_pad"):
+        padded[k] = torch.cat([t[k], t[k].flip(0)[:, :1]], dim=1)  # a third, padded slot
+    padded["query_pad"] = torch.zeros(3, 3, dtype=torch.bool)
+    padded["query_pad"][:, 2] = True
+    with torch.no_grad():
+        m1, v1, a1 = forward_with_embeddings(model, t)
+        m2, v2, a2 = forward_with_embeddings(model, padded)
+    torch.testing.assert_close(m2[:, :2], m1, rtol=0, atol=1e-5)
+    assert (m2[:, 2] == 0).all()
+    torch.testing.assert_close(info_nce(a2, v2, padded["query_pad"]),
+                               info_nce(a1, v1, t["query_pad"]), rtol=0, atol=1e-5)
+
+
+def test_contrastive_step_is_finite_and_reaches_the_queries(one_thread):
+    torch.manual_seed(0)
+    model = small_model()
+    opts = make_optimizers(model, 1e-3, 1e-3)
+    sampler = MixSampler(tone_clips(), 64, seed=4)
+    stats: dict[str, float] = {}
+    loss = train_step(model, opts, sampler, 3, model.n_rows, CPU, contrastive_weight=0.5,
+                      temperature=0.1, stats=stats)
+    assert torch.isfinite(loss) and stats["contrastive"] > 0
+    assert abs(loss.item() - (stats["mask"] + 0.5 * stats["contrastive"])) < 1e-5
+    # The contrastive term on its own: gradients on both query paths, none on the mask head.
+    model.zero_grad(set_to_none=True)
+    t = to_tensors(sampler.sample(3), model.n_rows, CPU)
+    _, visual, audio = forward_with_embeddings(model, t)
+    info_nce(audio, visual, t["query_pad"]).backward()
+    for name in ("query_embed.weight", "obj_proj.weight", "motion_cross.0.attn.v_proj.weight",
+                 "audio_self.0.attn.v_proj.weight", "audio_cross.0.attn.q_proj.weight",
+                 "audio_ffn.2.net.3.weight"):
+        g = model.get_parameter(name).grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+    assert model.mask_mlp[0].weight.grad is None
+
+
+def test_zero_contrastive_weight_is_the_plain_step_bit_for_bit(one_thread):
+    def run(step):
+        torch.manual_seed(0)
+        model = small_model()
+        opts = make_optimizers(model, 1e-3, 1e-3)
+        sampler = MixSampler(tone_clips(), 64, seed=5)
+        losses = [step(model, opts, sampler).item() for _ in range(2)]
+        return losses, model.state_dict()
+
+    ref = run(lambda m, o, s: _plain_step(m, o, s, 2))
+    for kw in ({}, {"contrastive_weight": 0.0}):
+        got = run(lambda m, o, s, kw=kw: train_step(m, o, s, 2, m.n_rows, CPU, **kw))
+        assert got[0] == ref[0], kw
+        for (k, a), b in zip(ref[1].items(), got[1].values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs ({kw})")
+    on = run(lambda m, o, s: train_step(m, o, s, 2, m.n_rows, CPU, contrastive_weight=1.0))
+    assert on[0][0] != ref[0][0]  # the term is really added when the weight is > 0
+
+
+def test_contrastive_weight_is_refused_for_sound_of_pixels(tmp_path, capsys, one_thread):
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",
+              "--model", "sop", "--contrastive-weight", "0.1"])
+    assert e.value.code == 2
+    assert "--contrastive-weight" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="queries"):
+        train_step(small_model("sop"), [], MixSampler(tone_clips(), 64), 2, 128, CPU,
+                   contrastive_weight=0.1)

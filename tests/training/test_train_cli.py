@@ -56,6 +56,19 @@ def test_cli_trains_keeps_best_and_resumes(fake_data, tmp_path):
     assert [h["step"] for h in summary["history"]] == [2, 3]
 
 
+def test_cli_contrastive_weight_is_logged_and_recorded(fake_data, tmp_path, capsys):
+    out = tmp_path / "nce"
+    assert main(["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--steps", "2",
+                 "--val-every", "2", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--contrastive-weight", "0.2"]) == 0
+    _, meta = load_checkpoint(out / "best")
+    assert meta["contrastive_weight"] == 0.2 and meta["contrastive_temperature"] == 0.1
+    last = json.loads((out / "summary.json").read_text())["history"][-1]
+    assert last["contrastive"] > 0 and last["mask_loss"] > 0
+    assert " contrastive " in capsys.readouterr().out
+    assert any(p.name.startswith("events.") for p in (out / "tb").iterdir())
+
+
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
     code = main(["--data", str(fake_data), "--steps", "1", "--out", str(tmp_path / "r"),
                  "--features", str(tmp_path / "nowhere"), "--no-progress"])
