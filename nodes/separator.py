@@ -6,12 +6,10 @@ the audio network and the audio-aware decoder run (``IQuery.separate``), for eve
 instrument in one pass. The step schedule (window, block, lookahead, zero padding at both ends)
 is ``models.streaming``, which is also the offline reference (``sliding_masks``).
 
-* ``sync_vision`` (files): a step waits until vision has reached the end of the model window
-  it runs on (or vision has ended, or ``vision_wait_s`` of wall time passed without vision
-  progress), then uses the update nearest to that end: its motion tube (the frames before it)
-  then covers about the window's own time, as the offline evaluation's per-window motion tokens
-  do, and a file's output does not depend on process timing (docs/RUN_ENGINE.md compares this
-  with the live rule). Live: the latest update wins and audio never waits for vision.
+* ``sync_vision`` (files): a step waits until vision has reached its media time (or vision has
+  ended, or ``vision_wait_s`` of wall time passed without vision progress), then uses the newest
+  update at or before it; the output of a file then does not depend on process timing. Live:
+  the latest update wins and audio never waits for vision.
 * No instrument tracked: counted (``no_instrument_steps``), logged when it starts and ends, and
   a Masks message with no labels is sent (outputs that were open fade out and close). With
   ``fallback`` ("all" or class names), the learned class queries of those classes are used
@@ -193,24 +191,21 @@ class Separator(Node):
             self.states = [state]
 
     # ------------------------------------------------------------------------- stepping
-    def _window_end_ns(self, first_frame: int) -> float:
-        """Media time of the last frame of the model window that emits ``first_frame``."""
-        return (first_frame + self.block + self.lookahead) * HOP * 1e9 / SAMPLE_RATE
-
     def _state_for(self, first_frame: int) -> QueryState | None:
         """The query state a step emitting from ``first_frame`` uses."""
         if not self.states:
             return None
         if not self.sync_vision:
             return self.states[-1]
-        t_ns = self._window_end_ns(first_frame)
-        return min(self.states, key=lambda s: abs(s.pts_ns - t_ns))  # a tie: the earlier
+        t_ns = first_frame * HOP * 1e9 / SAMPLE_RATE
+        before = [s for s in self.states if s.pts_ns <= t_ns]
+        return before[-1] if before else self.states[0]
 
-    def _vision_ready(self, first_frame: int) -> bool:
+    def _vision_ready(self, first_frame: int, block: int) -> bool:
         if not self.sync_vision or self.vision_ended:
             return True
-        # Once an update at or after the window's end is in, no later one can be nearer.
-        if self.states and self.states[-1].pts_ns >= self._window_end_ns(first_frame):
+        t_ns = (first_frame + block) * HOP * 1e9 / SAMPLE_RATE
+        if self.states and self.states[-1].pts_ns >= t_ns:
             return True
         if self.clock() - self._vision_progress > self.vision_wait_s:
             if not self.counters["vision_timeouts"]:
@@ -291,10 +286,11 @@ class Separator(Node):
         """Every step that is possible now; at the stream's end the last ones and the end."""
         st = self.streams[stream]
         while st.next_emit < st.n_frames:
+            block = min(self.block, st.n_frames - st.next_emit)
             need = st.next_emit + self.block + self.lookahead  # frames the window must hold
             if st.ended is None and st.buf_start + st.buf.shape[1] < need:
                 return
-            if not force and not self._vision_ready(st.next_emit):
+            if not force and not self._vision_ready(st.next_emit, block):
                 return
             have = st.buf_start + st.buf.shape[1]
             if have < need:  # the end of the stream: silence after it, as offline
