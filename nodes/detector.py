@@ -6,11 +6,9 @@ The tracker matches a detection to a track of the same class by greedy highest I
 unmatched detection opens a *tentative* track; it becomes a real track (numbered per class from
 1, never reused) once detected ``min_hits`` times in a row, and is forgotten if missed before
 that: a class the detector sees on one frame only (a player half-turned, read as a horn for a
-moment) opens no output. A real track goes out only while it was found at ``min_hit_ratio`` of
-its last ``ratio_window`` detections (a class read on a player now and then, a flute on a
-violinist on 3 frames in 8, stays hidden). A real track missed for ``max_missed_s`` is dropped
-and reported (``info["dropped"]``); until then it keeps its last box, so one bad frame does not
-make an output flicker.
+moment) opens no output. A real track missed for ``max_missed_s`` is dropped and reported
+(``info["dropped"]``); until then it keeps its last box, so one bad frame does not make an
+output flicker.
 
 Each track keeps its last detections (time, box): the update carries them, so the motion node
 can pool the object feature over crops cut each at its own detection, as the training cache
@@ -68,15 +66,13 @@ class Track:
     hits: int = 1  # detections in a row (while tentative), then in all
     spans: list[list[float]] = field(default_factory=list)  # [first_s, last_s] while seen
     history: deque = field(default_factory=deque)  # (time_s, box) of its last detections
-    recent: deque = field(default_factory=deque)  # found (True) or missed at recent updates
 
 
 class IoUTracker:
     """Greedy IoU + class tracker with tentative tracks and stable, per-class numbered labels."""
 
     def __init__(self, classes: list[str], *, iou_threshold: float = 0.3,
-                 max_missed: int = 3, min_hits: int = 1, history: int = 8,
-                 min_hit_ratio: float = 0.0, ratio_window: int = 8) -> None:
+                 max_missed: int = 3, min_hits: int = 1, history: int = 8) -> None:
         if not 0.0 <= iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
         if max_missed < 1:
@@ -85,13 +81,9 @@ class IoUTracker:
             raise ValueError(f"min_hits must be >= 1 detection, got {min_hits}")
         if history < 1:
             raise ValueError(f"history must be >= 1 detection, got {history}")
-        if not 0.0 <= min_hit_ratio <= 1.0 or ratio_window < 1:
-            raise ValueError(f"min_hit_ratio must be in [0, 1] and ratio_window >= 1, got "
-                             f"{min_hit_ratio}, {ratio_window}")
         self.classes = classes
         self.iou_threshold, self.max_missed = iou_threshold, max_missed
         self.min_hits, self.history = min_hits, history
-        self.min_hit_ratio, self.ratio_window = min_hit_ratio, ratio_window
         self.tracks: list[Track] = []  # tentative and confirmed
         self.finished: list[Track] = []  # dropped tracks, for the report
         self._next_id = 1
@@ -105,8 +97,7 @@ class IoUTracker:
     def update(self, boxes: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
                time_s: float) -> tuple[list[Track], list[Track]]:
         """Detections boxes (K, 4), class_ids (K,), scores (K,) at ``time_s`` ->
-        (confirmed tracks found at >= ``min_hit_ratio`` of their last ``ratio_window``
-        updates, in id order; tracks dropped by this update)."""
+        (confirmed tracks in id order, tracks dropped by this update)."""
         matched_tracks: set[int] = set()
         matched_dets: set[int] = set()
         for cid in np.unique(class_ids).tolist():
@@ -142,18 +133,15 @@ class IoUTracker:
             if d in matched_dets:
                 continue
             t = Track(0, int(class_ids[d]), "", boxes[d].copy(), float(scores[d]),
-                      spans=[[time_s, time_s]], history=deque(maxlen=self.history),
-                      recent=deque(maxlen=self.ratio_window))
+                      spans=[[time_s, time_s]], history=deque(maxlen=self.history))
             t.history.append((time_s, t.box))
             self.tracks.append(t)
         self.tracks = [t for t in self.tracks if t not in dropped and t not in forgotten]
         for t in self.tracks:  # numbered in the order they were first seen
-            t.recent.append(t.missed == 0)
             if not t.track_id and t.hits >= self.min_hits:
                 self._confirm(t)
         self.finished.extend(dropped)
-        confirmed = [t for t in self.tracks if t.track_id
-                     and sum(t.recent) >= self.min_hit_ratio * len(t.recent)]
+        confirmed = [t for t in self.tracks if t.track_id]
         return sorted(confirmed, key=lambda t: t.track_id), dropped
 
 
@@ -198,7 +186,6 @@ class Detector(Node):
                  score_threshold: float | None = None,
                  iou_threshold: float = 0.3, class_iou_threshold: float = 0.5,
                  min_hits: int = 2, max_missed_s: float = 3.0, history: int = 8,
-                 min_hit_ratio: float = 0.5, ratio_window: int = 8,
                  input_size: int | None = None, device: str = "auto",
                  threads: int = 1, report_path: str | None = None) -> None:
         super().__init__()
@@ -211,7 +198,6 @@ class Detector(Node):
         # Never detect less often than updates go out.
         self.detect_every_s = min(detect_every_s, interval_s)
         self.min_hits, self.max_missed_s, self.history = min_hits, max_missed_s, history
-        self.min_hit_ratio, self.ratio_window = min_hit_ratio, ratio_window
         if device not in DEVICES:
             raise ValueError(f"device {device!r}; allowed: {list(DEVICES)}")
         if not 0.0 < class_iou_threshold <= 1.0:
@@ -245,9 +231,7 @@ class Detector(Node):
         per_s = 1.0 / self.detect_every_s if self.detect_every_s > 0 else 8.0
         self.tracker = IoUTracker(self.classes, iou_threshold=self.iou_threshold,
                                   max_missed=max(1, math.ceil(self.max_missed_s * per_s)),
-                                  min_hits=self.min_hits, history=self.history,
-                                  min_hit_ratio=self.min_hit_ratio,
-                                  ratio_window=self.ratio_window)
+                                  min_hits=self.min_hits, history=self.history)
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """image (H, W, 3) uint8 -> boxes (K, 4) in its pixels, class_ids (K,), scores (K,),
