@@ -72,15 +72,16 @@ def memory_report(samples: list[tuple[float, dict[str, float]]], warmup: float) 
     growth = {n: round(last[n] - first[n], 1) for n in first}
     peak = {n: round(max(s[1].get(n, 0.0) for s in after), 1) for n in first}
     # The total every minute (nodes all alive), to see a trend rather than two points.
-    by_minute = [round(sum(s[1].values()), 1) for i, s in enumerate(after)
-                 if set(s[1]) == set(first) and i % 30 == 0]
+    minutes = [s for i, s in enumerate(after) if set(s[1]) == set(first) and i % 30 == 0]
+    by_minute = [round(sum(s[1].values()), 1) for s in minutes]
+    node_by_minute = {n: [round(s[1][n], 1) for s in minutes] for n in first}
     return {"from_s": round(after[0][0], 1), "to_s": {n: round(t, 1) for n, t in last_t.items()},
             "rss_mb_after_warmup": {n: round(v, 1) for n, v in first.items()},
             "rss_mb_end": {n: round(v, 1) for n, v in last.items()},
             "rss_mb_peak": peak, "growth_mb": growth,
             "growth_mb_total": round(sum(growth.values()), 1),
             "total_mb_after_warmup": round(sum(first.values()), 1),
-            "total_mb_every_minute": by_minute}
+            "total_mb_every_minute": by_minute, "node_mb_every_minute": node_by_minute}
 
 
 def run_live(args: argparse.Namespace) -> dict:
