@@ -64,34 +64,37 @@ class MixSampler:
         self.n_samples = (n_frames - 1) * HOP  # stft() of it gives exactly n_frames frames
         self.rng = np.random.default_rng(seed)
 
+    def draw(self, cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A random window of a random clip of class ``cid`` -> (its audio with a random gain
+        (n_samples,), object feature, motion tokens (Tm, D), motion pad (Tm,))."""
+        group = self.by_class[cid]
+        clip = group[int(self.rng.integers(len(group)))]
+        n_win = (len(clip.audio) - self.n_samples) // HOP
+        start = int(self.rng.integers(0, max(n_win, 0) + 1))  # in STFT frames
+        seg = clip.audio[start * HOP:start * HOP + self.n_samples]
+        seg = np.pad(seg, (0, self.n_samples - len(seg)))
+        gain = 10 ** (self.rng.uniform(-self.gain_db, self.gain_db) / 20)
+        mot, pad = motion_window(clip.motion, start, self.n_frames)
+        return seg * gain, clip.obj, mot, pad
+
+    @staticmethod
+    def stack(rows: list[list[tuple]], ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """Rows of ``draw`` results and their class ids -> the arrays of ``sample``."""
+        return {"sources": np.array([[r[0] for r in row] for row in rows], np.float32),
+                "obj": np.array([[r[1] for r in row] for row in rows], np.float32),
+                "class_ids": np.array(ids, np.int64),
+                "motion": np.array([[r[2] for r in row] for row in rows], np.float32),
+                "motion_pad": np.array([[r[3] for r in row] for row in rows], bool)}
+
     def sample(self, batch: int) -> dict[str, np.ndarray]:
         """-> sources (B, K, n_samples), obj (B, K, obj_dim), class_ids (B, K),
         motion (B, K, Tm, D), motion_pad (B, K, Tm) bool."""
-        tm = motion_len(self.n_frames)
-        srcs, objs, ids, mots, pads = [], [], [], [], []
         keys = sorted(self.by_class)
-        for _ in range(batch):
-            chosen = self.rng.choice(keys, size=self.n_mix, replace=False)
-            s_row, o_row, m_row, p_row = [], [], [], []
-            for cid in chosen:
-                group = self.by_class[int(cid)]
-                clip = group[int(self.rng.integers(len(group)))]
-                n_win = (len(clip.audio) - self.n_samples) // HOP
-                start = int(self.rng.integers(0, max(n_win, 0) + 1))  # in STFT frames
-                seg = clip.audio[start * HOP:start * HOP + self.n_samples]
-                seg = np.pad(seg, (0, self.n_samples - len(seg)))
-                gain = 10 ** (self.rng.uniform(-self.gain_db, self.gain_db) / 20)
-                s_row.append(seg * gain)
-                o_row.append(clip.obj)
-                mot, pad = motion_window(clip.motion, start, self.n_frames)
-                m_row.append(mot)
-                p_row.append(pad)
-            srcs.append(s_row)
-            objs.append(o_row)
-            ids.append([int(c) for c in chosen])
-            mots.append(m_row)
-            pads.append(p_row)
-        assert np.array(mots).shape[2] == tm
-        return {"sources": np.array(srcs, np.float32), "obj": np.array(objs, np.float32),
-                "class_ids": np.array(ids, np.int64), "motion": np.array(mots, np.float32),
-                "motion_pad": np.array(pads, bool)}
+        rows, ids = [], []
+        for _ in range(batch):  # classes, then their draws, example by example (as logged runs)
+            chosen = [int(c) for c in self.rng.choice(keys, size=self.n_mix, replace=False)]
+            rows.append([self.draw(c) for c in chosen])
+            ids.append(chosen)
+        out = self.stack(rows, ids)
+        assert out["motion"].shape[2] == motion_len(self.n_frames)
+        return out

@@ -32,12 +32,11 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.spectral import HOP
 from training.evaluate import load_items, query_from
 from training.instruments import load_vocabulary
 from training.metrics import bss_eval
 from training.mixdata import MixSampler, SoloClip, load_solo
-from training.separate import motion_window, separate_wave
+from training.separate import separate_wave
 from training.train import (
     make_optimizers,
     set_lr,
@@ -61,17 +60,6 @@ class HeldOutSampler(MixSampler):
                              f"{sorted(self.by_class)}")
         self.must = list(must)
 
-    def _draw(self, cid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        group = self.by_class[cid]
-        clip = group[int(self.rng.integers(len(group)))]
-        n_win = (len(clip.audio) - self.n_samples) // HOP
-        start = int(self.rng.integers(0, max(n_win, 0) + 1))  # in STFT frames
-        seg = clip.audio[start * HOP:start * HOP + self.n_samples]
-        seg = np.pad(seg, (0, self.n_samples - len(seg)))
-        gain = 10 ** (self.rng.uniform(-self.gain_db, self.gain_db) / 20)
-        mot, pad = motion_window(clip.motion, start, self.n_frames)
-        return seg * gain, clip.obj, mot, pad
-
     def sample(self, batch: int) -> dict[str, np.ndarray]:
         """As MixSampler.sample; column order is shuffled so the held-out class has no slot."""
         rows: list[list[tuple]] = []
@@ -81,13 +69,9 @@ class HeldOutSampler(MixSampler):
             others = [k for k in sorted(self.by_class) if k != first]
             chosen = [first, *self.rng.choice(others, size=self.n_mix - 1, replace=False)]
             chosen = [int(c) for c in self.rng.permutation(chosen)]
-            rows.append([self._draw(c) for c in chosen])
+            rows.append([self.draw(c) for c in chosen])
             ids.append(chosen)
-        return {"sources": np.array([[r[0] for r in row] for row in rows], np.float32),
-                "obj": np.array([[r[1] for r in row] for row in rows], np.float32),
-                "class_ids": np.array(ids, np.int64),
-                "motion": np.array([[r[2] for r in row] for row in rows], np.float32),
-                "motion_pad": np.array([[r[3] for r in row] for row in rows], bool)}
+        return self.stack(rows, ids)
 
 
 def prepare(model: nn.Module, n_new: int, mode: str) -> list[int]:
