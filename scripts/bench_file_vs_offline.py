@@ -87,7 +87,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     from models.spectral import istft, stft
     from models.streaming import check_window, step_masks, window_start
     from training.evaluate import query_from
-    from training.separate import motion_len
+    from training.separate import motion_window
 
     window, n_rows = model.n_frames, model.n_rows
     check_window(window, block, lookahead)
@@ -95,7 +95,6 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
                                                               strict=True)]
     obj = torch.from_numpy(np.stack([q.obj for q in queries])).float()[None]  # (1, Q, obj_dim)
     cls = torch.tensor([[q.class_id for q in queries]])
-    tm = motion_len(window)
     qpad = torch.zeros(1, len(queries), dtype=torch.bool)
     mix = torch.from_numpy(item["mix"]).float()
     spec = stft(mix)  # (N_BINS, T)
@@ -106,15 +105,8 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     with torch.no_grad():
         for e in range(0, n_frames, block):
             start = window_start(e, window, block, lookahead)  # may be < 0: zeros there
-            first = round(start * 256 / 11025 * 8.0)
-            idx = np.arange(first, first + tm)
-            motion, pad = [], []
-            for q in queries:
-                ok = (idx >= 0) & (idx < len(q.motion))
-                m = np.zeros((tm, q.motion.shape[1]), np.float32)
-                m[ok] = q.motion[idx[ok]]
-                motion.append(m)
-                pad.append(~ok)
+            motion, pad = zip(*[motion_window(q.motion, start, window) for q in queries],
+                              strict=True)
             mot = torch.from_numpy(np.stack(motion))[None]
             mpad = torch.from_numpy(np.stack(pad))[None]
 

@@ -148,6 +148,11 @@ def test_motion_window_pads_past_the_video():
     mot, pad = motion_window(tokens, start_frame=20, n_frames=64)
     first = round(20 * HOP / 11025 * 8)
     assert mot[0, 0] == first and pad.sum() == len(pad) - (10 - first)
+    # A streaming window that starts before the clip: padded there, not wrapped to the end.
+    mot, pad = motion_window(tokens, start_frame=-40, n_frames=64)
+    before = -round(-40 * HOP / 11025 * 8)
+    assert pad[:before].all() and not pad[before:before + 10].any()
+    assert (mot[:before] == 0).all() and mot[before, 0] == 0 and mot[before + 1, 0] == 1
 
 
 def test_irm_beats_mixture_and_table_shape():
