@@ -172,7 +172,7 @@ class Detector(Node):
     pixels and ``arrays`` "class_ids" (N,) int64, "scores" (N,), "missed" (N,) int64 (latest
     detections in a row without this track), "history_boxes" (N, H, 4) float32 and
     "history_pts" (N, H) int64: each track's last ``history`` detections, oldest first, padded
-    at the front with pts -1. ``info["dropped"]`` lists the labels dropped by this update.
+    at the front with pts -1. ``info["dropped"]`` lists the labels dropped since the last update.
     ``input_size`` (pixels of the longer side) resizes frames for the detector; boxes come back
     in frame pixels. ``class_iou_threshold``: detections of other classes overlapping a better
     one this much are dropped (one object, one class; 1.0 keeps only identical boxes apart).
@@ -211,6 +211,7 @@ class Detector(Node):
         self._last_ns: int | None = None  # last update sent
         self._last_detect_ns: int | None = None
         self._detections = 0
+        self._dropped: list[str] = []  # labels dropped since the last update went out
 
     def start(self) -> None:
         """Load the bundle's detector into onnxruntime."""
@@ -277,6 +278,7 @@ class Detector(Node):
         self.counters["dropped_tracks"] += len(dropped)
         for t in dropped:
             print(f"[{self.name}] track {t.label} dropped at {msg.pts_ns / 1e9:.2f} s", flush=True)
+        self._dropped += [t.label for t in dropped]  # detections between updates drop too
         if self._last_ns is None:
             if self._detections < self.min_hits:  # a track needs min_hits detections first
                 return
@@ -284,10 +286,11 @@ class Detector(Node):
             return
         self._last_ns = msg.pts_ns
         self.counters["updates"] += 1
-        yield "tracks", self.tracks_update(msg, tracks, dropped)
+        yield "tracks", self.tracks_update(msg, tracks, self._dropped)
+        self._dropped = []
 
     def tracks_update(self, frame: VideoFrame, tracks: list[Track],
-                      dropped: list[Track]) -> VisionUpdate:
+                      dropped: list[str]) -> VisionUpdate:
         """The confirmed tracks at ``frame`` as a VisionUpdate (see the class docstring)."""
         n, h = len(tracks), self.history
         hist_boxes = np.zeros((n, h, 4), np.float32)
@@ -304,7 +307,7 @@ class Detector(Node):
                     "scores": np.array([t.score for t in tracks], np.float32),
                     "missed": np.array([t.missed for t in tracks], np.int64),
                     "history_boxes": hist_boxes, "history_pts": hist_pts},
-            info={"dropped": [t.label for t in dropped], "frame_size": [width, height]})
+            info={"dropped": list(dropped), "frame_size": [width, height]})
 
     def report(self) -> dict[str, Any]:
         """Every track seen: class and the spans (seconds of video) where it was detected."""

@@ -118,6 +118,32 @@ def test_tracker_confirms_tracks_after_min_hits_in_a_row() -> None:
     assert tracks[0].spans == [[0.0, 0.75]]
 
 
+def test_a_track_dropped_between_updates_is_reported_in_the_next(tmp_path: Path) -> None:
+    """Detections run 4 times per update: a track dropped at one that sends no update is
+    listed in the next update's info["dropped"]."""
+    bundle = make_random_bundle(tmp_path / "b")
+    node = Detector(bundle=str(bundle.path), interval_s=1.0, detect_every_s=0.25,
+                    max_missed_s=0.75)
+    violin = (np.array([[8, 6, 32, 54]], np.float32), np.array([11]), np.ones(1, np.float32))
+    nothing = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    seen_until_ns = 750_000_000
+    frames = [("video", VideoFrame(stream="video", pts_ns=int(i * 0.125e9),
+                                   image=np.zeros((60, 80, 3), np.uint8))) for i in range(20)]
+    node.start()
+    node.detect = lambda image: violin if pts[0] <= seen_until_ns else nothing
+    updates = []
+    try:
+        for _, f in frames:
+            pts = [f.pts_ns]
+            updates += [m for _, m in node.handle("video", f)]
+    finally:
+        node.stop()
+    # Updates at 0.25, 1.25, 2.25 s; misses at 1.0, 1.25, 1.5 s drop the violin at 1.5 s.
+    assert [u.pts_ns for u in updates] == [250_000_000, 1_250_000_000, 2_250_000_000]
+    assert [u.labels for u in updates] == [["violin#1"], ["violin#1"], []]
+    assert [u.info["dropped"] for u in updates] == [[], [], ["violin#1"]]
+
+
 def test_detector_refuses_bad_settings() -> None:
     with pytest.raises(ValueError, match="device 'tpu'"):
         Detector(bundle="x", device="tpu")
