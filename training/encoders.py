@@ -200,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--motion-steps", type=int, default=500)
     ap.add_argument("--motion-dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--object-encoder", type=Path, default=None,
+                    help="use this ObjectEncoder checkpoint instead of pretraining one (not "
+                         "saved again)")
+    ap.add_argument("--motion-encoder", type=Path, default=None,
+                    help="use this MotionEncoder checkpoint instead of pretraining one, e.g. "
+                         "one trained end to end with the separator (train.py --motion-e2e)")
+    ap.add_argument("--tubes", action="store_true",
+                    help="also cache every ground-truth solo clip's motion crop tube as "
+                         "<stem>.tube.npy (n_frames, 40, 40, 3) uint8, the input of "
+                         "train.py --motion-e2e")
     ap.add_argument("--det-only", action="store_true",
                     help="only re-cache det/ with --detector, using the encoders already in "
                          "--encoders-out (after a new detector; gt/ and the separators that "
@@ -238,32 +248,44 @@ def main(argv: list[str] | None = None) -> int:
     train = clips["train"]
     obj_x = np.concatenate([crops[f"train/{c.clip_id}"][1] for c in train])
     obj_y = np.concatenate([[names.index(c.class_name)] * OBJ_FRAMES for c in train])
-    obj_enc = ObjectEncoder(obj_dim=512)
-    obj_acc = pretrain_object(obj_enc, obj_x, obj_y, args.obj_steps, min(24, len(obj_x)), rng)
-    mot_enc = MotionEncoder(motion_dim=args.motion_dim, base_channels=16, n_stages=1)
-    tubes = [crops[f"train/{c.clip_id}"][0] for c in train]
-    targets = [loudness_target(c, c.n_frames, c.fps) for c in train]
-    length = min(16, min(len(t) for t in tubes))
-    mot_corr = pretrain_motion(mot_enc, tubes, targets, args.motion_steps, min(12, len(tubes)),
-                               length, rng)
-    obj_enc.eval()
-    mot_enc.eval()
     meta = {"data": str(args.data),
             "command": "python -m training.encoders " + " ".join(sys.argv[1:]),
             "obj_crop": OBJ_CROP,
             "motion_crop": MOTION_CROP, "obj_frames": OBJ_FRAMES, "normalise": [MEAN, STD]}
-    save_checkpoint(args.encoders_out / "object_encoder", obj_enc,
-                    meta | {"train_accuracy": obj_acc})
-    save_checkpoint(args.encoders_out / "motion_encoder", mot_enc,
-                    meta | {"train_loudness_corr": mot_corr})
-    print(f"pretrained: object acc {obj_acc:.3f}, motion corr {mot_corr:.3f} "
+    # A given encoder is used as it is; only the ones trained here are saved.
+    if args.object_encoder is not None:
+        obj_enc, obj_meta = load_checkpoint(args.object_encoder)
+        obj_acc = obj_meta.get("train_accuracy")
+    else:
+        obj_enc = ObjectEncoder(obj_dim=512)
+        obj_acc = pretrain_object(obj_enc, obj_x, obj_y, args.obj_steps, min(24, len(obj_x)),
+                                  rng)
+        save_checkpoint(args.encoders_out / "object_encoder", obj_enc.eval(),
+                        meta | {"train_accuracy": obj_acc})
+    if args.motion_encoder is not None:
+        mot_enc, mot_meta = load_checkpoint(args.motion_encoder)
+        mot_corr = mot_meta.get("train_loudness_corr")
+    else:
+        mot_enc = MotionEncoder(motion_dim=args.motion_dim, base_channels=16, n_stages=1)
+        tubes = [crops[f"train/{c.clip_id}"][0] for c in train]
+        targets = [loudness_target(c, c.n_frames, c.fps) for c in train]
+        length = min(16, min(len(t) for t in tubes))
+        mot_corr = pretrain_motion(mot_enc, tubes, targets, args.motion_steps,
+                                   min(12, len(tubes)), length, rng)
+        save_checkpoint(args.encoders_out / "motion_encoder", mot_enc.eval(),
+                        meta | {"train_loudness_corr": mot_corr})
+    obj_enc.eval()
+    mot_enc.eval()
+    print(f"encoders ready: object acc {obj_acc}, motion corr {mot_corr} "
           f"({time.time() - t0:.0f} s)", flush=True)
 
     for split, cl in clips.items():
         for c in cl:
             tube, objs = crops[f"{split}/{c.clip_id}"]
-            save_feats(feats / "gt" / c.class_name / c.clip_id, *encode(obj_enc, mot_enc, tube,
-                                                                        objs))
+            stem = feats / "gt" / c.class_name / c.clip_id
+            save_feats(stem, *encode(obj_enc, mot_enc, tube, objs))
+            if args.tubes:
+                np.save(f"{stem}.tube.npy", tube)
     ensembles = list_ensembles(args.data)
     for e in ensembles:
         rows = load_boxes(e.boxes_path)

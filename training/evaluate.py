@@ -40,11 +40,12 @@ def spread(seq: list, n: int | None) -> list:
     return [seq[int(i)] for i in np.linspace(0, len(seq) - 1, n).round()]
 
 
-def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None
-               ) -> tuple[list[Item], list[Item]]:
+def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None,
+               features: Path | None = None) -> tuple[list[Item], list[Item]]:
     """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`; max_pairs /
-    max_ensembles pick evenly spaced subsets."""
-    feats = data / "features"
+    max_ensembles pick evenly spaced subsets; queries from `features` (<data>/features by
+    default)."""
+    feats = features or data / "features"
     n_max = round(seconds * 11025)
     pairs = []
     for a, b in spread(read_pairs(data / "test_pairs.csv"), max_pairs):
@@ -181,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated from mixture, irm, irm_grid (the training target on "
                          "the cpu preset's 128-row grid), nmf")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--features", type=Path, default=None,
+                    help="feature cache of the queries (default <data>/features), e.g. one "
+                         "re-encoded with a motion encoder trained end to end; rows are cached "
+                         "by label under --out, so give another --out per cache")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from training.instruments import load_vocabulary
 
     names = [inst.name for inst in load_vocabulary()]
-    pairs, ens = load_items(args.data, args.seconds, args.max_pairs, args.max_ensembles)
+    pairs, ens = load_items(args.data, args.seconds, args.max_pairs, args.max_ensembles,
+                            args.features)
     rows_dir = args.out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
 

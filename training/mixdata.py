@@ -16,7 +16,8 @@ from training.separate import motion_len, motion_window
 
 @dataclass
 class SoloClip:
-    """A preloaded solo clip: audio (N,), class id, object feature, motion tokens."""
+    """A preloaded solo clip: audio (N,), class id, object feature, motion tokens (or its
+    crop tube (n_video, H, W, 3) uint8 when loaded with tubes=True)."""
 
     clip_id: str
     class_name: str
@@ -31,19 +32,21 @@ def feature_stem(features: Path, variant: str, class_name: str, clip_id: str) ->
 
 
 def load_solo(data: Path, split: str, class_names: list[str], features: Path | None = None,
-              variant: str = "gt") -> list[SoloClip]:
+              variant: str = "gt", tubes: bool = False) -> list[SoloClip]:
     """All clips of <data>/<split>.csv with their cached features (<data>/features by
-    default)."""
+    default); tubes=True loads the crop tubes (.tube.npy) in place of the motion tokens."""
+    motion = "tube" if tubes else "motion"
     features = features or Path(data) / "features"
     out = []
     for c in MusicIndex.from_csv(Path(data) / f"{split}.csv"):
         stem = feature_stem(features, variant, c.class_name, c.clip_id)
-        if not Path(f"{stem}.obj.npy").is_file():
-            raise FileNotFoundError(f"no cached features {stem}.obj.npy; run "
-                                    "python -m training.encoders first")
+        for kind in ("obj", motion):
+            if not Path(f"{stem}.{kind}.npy").is_file():
+                raise FileNotFoundError(f"no cached {stem}.{kind}.npy; run python -m "
+                                        "training.encoders first" + " with --tubes" * tubes)
         out.append(SoloClip(c.clip_id, c.class_name, class_names.index(c.class_name),
                             load_audio(c), np.load(f"{stem}.obj.npy"),
-                            np.load(f"{stem}.motion.npy")))
+                            np.load(f"{stem}.{motion}.npy")))
     return out
 
 

@@ -30,12 +30,13 @@ def motion_window(tokens: np.ndarray, start_frame: int, n_frames: int, fps: floa
     """Motion tokens of the window whose first STFT frame is `start_frame` (frame t is centred
     on sample t * HOP; a streaming window may start before the clip, at a negative frame).
     tokens (n_video, D) -> (Tm, D) float32 and pad (Tm,) bool (True where the window runs
-    outside the video)."""
+    outside the video). Any per-frame array works: crop tubes (n_video, H, W, 3) give
+    (Tm, H, W, 3)."""
     tm = motion_len(n_frames, fps)
     first = round(start_frame * HOP / SAMPLE_RATE * fps)
     idx = np.arange(first, first + tm)
     pad = (idx < 0) | (idx >= len(tokens))
-    out = np.zeros((tm, tokens.shape[1]), np.float32)
+    out = np.zeros((tm, *tokens.shape[1:]), np.float32)
     out[~pad] = tokens[idx[~pad]]
     return out, pad
 

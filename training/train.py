@@ -11,6 +11,9 @@ val only. <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors
 pickle), <out>/best.* the best model. torchrun runs it data-parallel (gloo on CPU).
 --contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
 to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
+--motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
+INIT, or `random`) on crop tubes cached by `training.encoders --tubes`, instead of reading
+frozen motion tokens; it is saved beside the separator as <out>/best_motion_encoder.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
+from models.features import MEAN, STD
+from models.visual import MotionEncoder
 from models.spectral import apply_masks, istft, model_input, stft, warp
 from training.factory import build_model, preset_kwargs
 from training.instruments import load_vocabulary
@@ -49,6 +54,45 @@ def make_model(name: str, preset: str, **overrides: Any) -> nn.Module:
     if name == "sop":
         return build_model(preset, "sop", **overrides)
     raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+
+
+class MotionEndToEnd(nn.Module):
+    """Training-time pair: a separator and the motion encoder trained with it. Its forward
+    takes crop tubes (B, K, Tm, H, W, 3), pixel values 0..255, where the separator takes
+    motion tokens; everything else is passed through. The encoder runs on each window's tube
+    alone (its time convolutions see zero padding at the window's edges, where the cached
+    tokens of a whole clip see the neighbouring frames)."""
+
+    def __init__(self, separator: nn.Module, motion_encoder: MotionEncoder) -> None:
+        super().__init__()
+        self.separator, self.motion_encoder = separator, motion_encoder
+
+    def forward(self, x: Tensor, obj: Tensor, class_ids: Tensor, tube: Tensor,
+                tube_pad: Tensor, query_pad: Tensor, **kw: Any) -> Tensor:
+        b, k = tube.shape[:2]
+        v = ((tube / 255.0 - MEAN) / STD).flatten(0, 1).permute(0, 4, 1, 2, 3)  # (BK,3,T,H,W)
+        tokens = self.motion_encoder(v).unflatten(0, (b, k))  # (B, K, Tm, D)
+        return self.separator(x, obj, class_ids, tokens, tube_pad, query_pad, **kw)
+
+
+def save_model(stem: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """A separator's checkpoint at `stem`; a MotionEndToEnd pair adds its motion encoder at
+    <stem>_motion_encoder (each a checkpoint that the engine and encoders.py load alone)."""
+    if isinstance(model, MotionEndToEnd):
+        save_checkpoint(stem.with_name(stem.name + "_motion_encoder"), model.motion_encoder,
+                        meta | {"trained_with": str(stem)})
+        model = model.separator
+    save_checkpoint(stem, model, meta)
+
+
+def load_model_weights(stem: Path, model: nn.Module) -> None:
+    """Load what save_model wrote at `stem` into `model` (strict)."""
+    if isinstance(model, MotionEndToEnd):
+        enc, _ = load_checkpoint(stem.with_name(stem.name + "_motion_encoder"))
+        model.motion_encoder.load_state_dict(enc.state_dict())
+        model = model.separator
+    saved, _ = load_checkpoint(stem)
+    model.load_state_dict(saved.state_dict())
 
 
 def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device
@@ -136,11 +180,15 @@ def make_optimizers(model: nn.Module, lr_transformer: float, lr_audio: float
                     ) -> list[torch.optim.Optimizer]:
     """AdamW (wd 1e-4) for the transformer / query side, Adam for the audio U-Net (and, for
     Sound-of-Pixels, everything: it has no transformer)."""
+    net = _unwrap(model)
+    sep = net.separator if isinstance(net, MotionEndToEnd) else net
     audio, rest = [], []
-    for name, p in _unwrap(model).named_parameters():
+    for name, p in sep.named_parameters():
         if p.requires_grad:
-            (audio if name.startswith("unet.") or not hasattr(_unwrap(model), "audio_self")
+            (audio if name.startswith("unet.") or not hasattr(sep, "audio_self")
              else rest).append(p)
+    if isinstance(net, MotionEndToEnd):  # a visual network: Adam, as the paper's "rest"
+        audio += [p for p in net.motion_encoder.parameters() if p.requires_grad]
     opts: list[torch.optim.Optimizer] = [torch.optim.Adam(audio, lr=lr_audio)]
     if rest:
         opts.append(torch.optim.AdamW(rest, lr=lr_transformer, weight_decay=1e-4))
@@ -179,7 +227,7 @@ def save_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_checkpoint(tmp / "model", _unwrap(model), {"step": info["step"]})
+    save_model(tmp / "model", _unwrap(model), {"step": info["step"]})
     tensors, groups = _opt_state(opts)
     tensors["torch_rng"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "train.safetensors"))
@@ -198,8 +246,7 @@ def load_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
     """Restore what save_state wrote (falls back to `folder`.old after an interrupted swap)."""
     if not (folder / "train.json").is_file():
         folder = folder.with_name(folder.name + ".old")
-    saved, _ = load_checkpoint(folder / "model")
-    _unwrap(model).load_state_dict(saved.state_dict())
+    load_model_weights(folder / "model", _unwrap(model))
     info = json.loads((folder / "train.json").read_text())
     tensors = load_file(str(folder / "train.safetensors"))
     torch.set_rng_state(tensors.pop("torch_rng"))
@@ -305,7 +352,16 @@ def main(argv: list[str] | None = None) -> int:
                          "its visual query, InfoNCE); 0: off (default), iquery models only")
     ap.add_argument("--contrastive-temperature", type=float, default=0.1,
                     help="InfoNCE temperature (cosine similarities / T); default 0.1")
+    ap.add_argument("--motion-e2e", default=None, metavar="INIT",
+                    help="train the motion encoder with the separator, from the MotionEncoder "
+                         "checkpoint INIT or from `random`, on crop tubes (needs --features "
+                         "cached by training.encoders --tubes; --model iquery only)")
     args = ap.parse_args(argv)
+    if args.motion_e2e is not None and args.model != "iquery":
+        ap.error(f"--motion-e2e needs --model iquery (the model with a motion layer), got "
+                 f"{args.model}")
+    if args.motion_e2e is not None and args.contrastive_weight > 0:
+        ap.error("--motion-e2e and --contrastive-weight are not supported together")
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
     if args.contrastive_weight < 0:
@@ -341,11 +397,18 @@ def train(args: argparse.Namespace) -> int:
     for c in excluded:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
-    model = make_model(args.model, args.preset).to(device)
+    model = make_model(args.model, args.preset)
     n_rows, n_frames = model.n_rows, model.n_frames
-    train_clips = [c for c in load_solo(args.data, "train", names, args.features)
+    tubes = args.motion_e2e is not None
+    if tubes:
+        enc = (MotionEncoder(motion_dim=model.kwargs["motion_dim"], base_channels=16,
+                             n_stages=1) if args.motion_e2e == "random"
+               else load_checkpoint(args.motion_e2e)[0].train())
+        model = MotionEndToEnd(model, enc)
+    model = model.to(device)
+    train_clips = [c for c in load_solo(args.data, "train", names, args.features, tubes=tubes)
                    if c.class_name not in excluded]
-    val_clips = [c for c in load_solo(args.data, "val", names, args.features)
+    val_clips = [c for c in load_solo(args.data, "val", names, args.features, tubes=tubes)
                  if c.class_name not in excluded]
     sampler = MixSampler(train_clips, n_frames, args.n_mix, seed=args.seed * 1000 + rank)
     val_sampler = MixSampler(val_clips, n_frames, args.n_mix, seed=12345, gain_db=0.0)
@@ -372,7 +435,8 @@ def train(args: argparse.Namespace) -> int:
                 sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
             "world_size": world, "excluded_classes": excluded,
             "contrastive_weight": args.contrastive_weight,
-            "contrastive_temperature": args.contrastive_temperature}
+            "contrastive_temperature": args.contrastive_temperature,
+            "motion_e2e": args.motion_e2e}
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
     model.train()
@@ -412,8 +476,8 @@ def train(args: argparse.Namespace) -> int:
                       f"sir {v['sir']:.2f} sar {v['sar']:.2f} ({info['elapsed']:.0f} s)")
             if v["sdr"] > info["best_sdr"]:
                 info["best_sdr"], info["best_step"] = v["sdr"], info["step"]
-                save_checkpoint(args.out / "best", _unwrap(model),
-                                meta | {"step": info["step"], "val": v})
+                save_model(args.out / "best", _unwrap(model),
+                           meta | {"step": info["step"], "val": v})
             save_state(state_dir, model, opts, sampler, info)
     bar.close()
     if rank == 0:

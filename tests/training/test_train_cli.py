@@ -37,6 +37,7 @@ def fake_data(tmp_path_factory) -> Path:
                 feat.parent.mkdir(parents=True, exist_ok=True)
                 np.save(f"{feat}.obj.npy", rng.standard_normal(512).astype(np.float32))
                 np.save(f"{feat}.motion.npy", rng.standard_normal((16, 512)).astype(np.float16))
+                np.save(f"{feat}.tube.npy", rng.integers(0, 256, (16, 40, 40, 3), np.uint8))
                 rows.append(f"audio/{name}/{cid}.wav,frames/{name}/{cid}.mp4,16")
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root
@@ -67,6 +68,38 @@ def test_cli_contrastive_weight_is_logged_and_recorded(fake_data, tmp_path, caps
     assert last["contrastive"] > 0 and last["mask_loss"] > 0
     assert " contrastive " in capsys.readouterr().out
     assert any(p.name.startswith("events.") for p in (out / "tb").iterdir())
+
+
+def test_cli_motion_e2e_trains_the_motion_encoder_and_resumes(fake_data, tmp_path):
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.visual import MotionEncoder
+
+    torch.manual_seed(0)
+    init = MotionEncoder(motion_dim=512, base_channels=16, n_stages=1)
+    save_checkpoint(tmp_path / "init", init)
+    out = tmp_path / "e2e"
+    args = ["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--val-every", "2",
+            "--val-mixtures", "2", "--out", str(out), "--no-progress", "--threads", "1",
+            "--motion-e2e", str(tmp_path / "init")]
+    assert main(args + ["--steps", "2"]) == 0
+    sep, meta = load_checkpoint(out / "best")
+    enc, _ = load_checkpoint(out / "best_motion_encoder")
+    assert type(sep).__name__ == "IQuery" and meta["motion_e2e"] == str(tmp_path / "init")
+    moved = [k for k, v in enc.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, init.state_dict()[k])]
+    assert "stem.0.weight" in moved and "proj.weight" in moved  # trained, not frozen
+    assert (out / "last" / "model_motion_encoder.safetensors").is_file()
+    assert main(args + ["--steps", "3"]) == 0  # resumes both networks at step 2
+    assert json.loads((out / "summary.json").read_text())["step"] == 3
+
+
+def test_cli_motion_e2e_refuses_a_model_without_motion(fake_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", str(fake_data), "--model", "iquery_nomotion", "--steps", "1",
+              "--out", str(tmp_path / "r"), "--motion-e2e", "random"])
+    assert "--motion-e2e needs --model iquery" in capsys.readouterr().err
 
 
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
