@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
-from models.visual import MotionEncoder
 from models.spectral import apply_masks, istft, model_input, stft, warp
+from models.visual import MotionEncoder
 from training.factory import build_model, preset_kwargs
 from training.instruments import load_vocabulary
 from training.metrics import bss_eval
