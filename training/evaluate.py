@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-ensembles", type=int, default=None)
     ap.add_argument("--baselines", default="mixture,irm,irm_grid,nmf",
                     help="comma-separated from mixture, irm, irm_grid (the training target on "
-                         "the cpu preset's 128-row grid), nmf")
+                         "the cpu preset's 128-row grid), irm_grid256 (the same on the paper's "
+                         "256 rows), nmf")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--features", type=Path, default=None,
                     help="feature cache of the queries (default <data>/features), e.g. one "
@@ -199,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs: list[tuple[str, Callable[[Item], np.ndarray]]] = []
     base = {"mixture": lambda it: np.stack([it["mix"]] * len(it["refs"])),
-            "irm": irm, "irm_grid": irm_grid, "nmf": nmf_oracle}
+            "irm": irm, "irm_grid": irm_grid, "irm_grid256": lambda it: irm_grid(it, 256),
+            "nmf": nmf_oracle}
     labels = {"mixture": "Mixture", "irm": "Ideal ratio mask (oracle)",
               "irm_grid": "Ideal ratio mask on the cpu model's 128-row grid (oracle)",
+              "irm_grid256": "Ideal ratio mask on the paper preset's 256-row grid (oracle)",
               "nmf": "NMF, oracle component assignment (upper bound)"}
     for b in filter(None, args.baselines.split(",")):
         if b not in base:

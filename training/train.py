@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                          "its visual query, InfoNCE); 0: off (default), iquery models only")
     ap.add_argument("--contrastive-temperature", type=float, default=0.1,
                     help="InfoNCE temperature (cosine similarities / T); default 0.1")
+    ap.add_argument("--n-rows", type=int, default=None,
+                    help="frequency rows of the warped grid, replacing the preset's (cpu: 128, "
+                         "paper: 256): a finer grid raises the mask's ceiling and the cost")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -397,7 +400,8 @@ def train(args: argparse.Namespace) -> int:
     for c in excluded:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
-    model = make_model(args.model, args.preset)
+    model = make_model(args.model, args.preset,
+                       **({} if args.n_rows is None else {"n_rows": args.n_rows}))
     n_rows, n_frames = model.n_rows, model.n_frames
     tubes = args.motion_e2e is not None
     if tubes:
