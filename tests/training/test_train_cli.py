@@ -102,6 +102,15 @@ def test_cli_motion_e2e_refuses_a_model_without_motion(fake_data, tmp_path, caps
     assert "--motion-e2e needs --model iquery" in capsys.readouterr().err
 
 
+def test_cli_n_rows_overrides_the_preset_grid(fake_data, tmp_path):
+    out = tmp_path / "rows"
+    assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--n-rows", "64"]) == 0
+    model, _ = load_checkpoint(out / "best")
+    assert model.n_rows == 64
+
+
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
     code = main(["--data", str(fake_data), "--steps", "1", "--out", str(tmp_path / "r"),
                  "--features", str(tmp_path / "nowhere"), "--no-progress"])
