@@ -408,6 +408,9 @@ def train(args: argparse.Namespace) -> int:
         enc = (MotionEncoder(motion_dim=model.kwargs["motion_dim"], base_channels=16,
                              n_stages=1) if args.motion_e2e == "random"
                else load_checkpoint(args.motion_e2e)[0].train())
+        if not isinstance(enc, MotionEncoder):
+            raise ValueError(f"--motion-e2e {args.motion_e2e}: a MotionEncoder checkpoint or "
+                             f"`random` expected, got a {type(enc).__name__}")
         model = MotionEndToEnd(model, enc)
     model = model.to(device)
     train_clips = [c for c in load_solo(args.data, "train", names, args.features, tubes=tubes)

@@ -102,6 +102,17 @@ def test_cli_motion_e2e_refuses_a_model_without_motion(fake_data, tmp_path, caps
     assert "--motion-e2e needs --model iquery" in capsys.readouterr().err
 
 
+def test_cli_motion_e2e_refuses_a_checkpoint_that_is_not_a_motion_encoder(fake_data, tmp_path,
+                                                                          capsys):
+    from models.checkpoint import save_checkpoint
+    from models.visual import ObjectEncoder
+
+    save_checkpoint(tmp_path / "obj", ObjectEncoder(obj_dim=512))
+    code = main(["--data", str(fake_data), "--model", "iquery", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "r"), "--motion-e2e", str(tmp_path / "obj")])
+    assert code == 2 and "got a ObjectEncoder" in capsys.readouterr().err
+
+
 def test_cli_n_rows_overrides_the_preset_grid(fake_data, tmp_path):
     out = tmp_path / "rows"
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
