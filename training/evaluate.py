@@ -40,6 +40,19 @@ def spread(seq: list, n: int | None) -> list:
     return [seq[int(i)] for i in np.linspace(0, len(seq) - 1, n).round()]
 
 
+def parse_ckpt(spec: str) -> tuple[str, Path]:
+    """--ckpt LABEL=PATH -> (label, checkpoint stem). Split at the last '=', so that a label
+    may hold one ("trained on K=3"); the checkpoint's .json must exist."""
+    label, _, path = spec.rpartition("=")
+    if not label or not path:
+        raise ValueError(f"--ckpt {spec!r}: expected LABEL=PATH")
+    stem = Path(path)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
+    if not stem.with_suffix(".json").is_file():
+        raise ValueError(f"--ckpt {spec!r}: no checkpoint {stem}.json")
+    return label, stem
+
+
 def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None,
                features: Path | None = None) -> tuple[list[Item], list[Item]]:
     """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`; max_pairs /
@@ -211,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: unknown baseline {b!r}; choose from {sorted(base)}")
         jobs.append((labels[b], base[b]))
     for spec in args.ckpt:
-        label, _, path = spec.partition("=")
-        if not path:
-            raise SystemExit(f"error: --ckpt {spec!r}; expected LABEL=PATH")
+        try:
+            label, path = parse_ckpt(spec)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         model, _ = load_checkpoint(path)
         for naming, desc in (("det", "detector-named"), ("gt", "GT-named")):
             jobs.append((f"{label} ({desc})",

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from training.evaluate import load_items, query_from
+from training.evaluate import load_items, parse_ckpt, query_from
 from training.instruments import load_vocabulary
 from training.metrics import bss_eval
 from training.mixdata import MixSampler, SoloClip, load_solo
@@ -212,9 +212,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"held_out": held, "n_pairs": len(items), "rows": {},
                                "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
     for spec in args.ckpt:
-        label, _, path = spec.partition("=")
-        if not path:
-            raise ValueError(f"--ckpt {spec!r}; expected LABEL=PATH")
+        label, path = parse_ckpt(spec)
         model, meta = load_checkpoint(path)
         model.eval()
         t0 = time.time()

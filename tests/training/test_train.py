@@ -306,3 +306,16 @@ def test_contrastive_weight_is_refused_for_sound_of_pixels(tmp_path, capsys, one
     with pytest.raises(ValueError, match="queries"):
         train_step(small_model("sop"), [], MixSampler(tone_clips(), 64), 2, 128, CPU,
                    contrastive_weight=0.1)
+
+
+def test_ckpt_spec_splits_at_the_last_equals_sign_and_needs_the_checkpoint(tmp_path):
+    from training.evaluate import parse_ckpt
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.json").write_text("{}")
+    assert parse_ckpt(f"trained on K=3={tmp_path}/run/best") == ("trained on K=3",
+                                                                 tmp_path / "run" / "best")
+    assert parse_ckpt(f"x={tmp_path}/run/best.json")[1] == tmp_path / "run" / "best"
+    for bad in ("no-equals", f"={tmp_path}/run/best", "x=", f"x={tmp_path}/missing"):
+        with pytest.raises(ValueError, match="--ckpt"):
+            parse_ckpt(bad)
