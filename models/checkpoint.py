@@ -23,7 +23,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def _stem(path: str | os.PathLike) -> Path:
+def checkpoint_stem(path: str | os.PathLike) -> Path:
+    """A checkpoint's stem from the stem itself or either of its two files."""
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
 
@@ -48,7 +49,7 @@ def save_checkpoint(path_stem: str | os.PathLike, model: nn.Module,
     name = type(model).__name__
     if name not in MODEL_CLASSES:
         raise ValueError(f"cannot checkpoint a {name}; known classes: {sorted(MODEL_CLASSES)}")
-    stem = _stem(path_stem)
+    stem = checkpoint_stem(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     weights, info = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     # Fail on unserialisable metadata before touching any file.
@@ -63,7 +64,7 @@ def load_checkpoint(path: str | os.PathLike,
                     device: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from <stem>.json and load <stem>.safetensors (strict); path may be the
     stem or either file. Returns (model in eval mode, meta)."""
-    stem = _stem(path)
+    stem = checkpoint_stem(path)
     info = json.loads(stem.with_suffix(".json").read_text())
     name = info.get("class")
     if name not in MODEL_CLASSES:

@@ -246,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cropped {len(crops)} clips in {time.time() - t0:.0f} s", flush=True)
 
     train = clips["train"]
-    obj_x = np.concatenate([crops[f"train/{c.clip_id}"][1] for c in train])
-    obj_y = np.concatenate([[names.index(c.class_name)] * OBJ_FRAMES for c in train])
     meta = {"data": str(args.data),
             "command": "python -m training.encoders " + " ".join(sys.argv[1:]),
             "obj_crop": OBJ_CROP,
@@ -257,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         obj_enc, obj_meta = load_checkpoint(args.object_encoder)
         obj_acc = obj_meta.get("train_accuracy")
     else:
+        obj_x = np.concatenate([crops[f"train/{c.clip_id}"][1] for c in train])
+        obj_y = np.concatenate([[names.index(c.class_name)] * OBJ_FRAMES for c in train])
         obj_enc = ObjectEncoder(obj_dim=512)
         obj_acc = pretrain_object(obj_enc, obj_x, obj_y, args.obj_steps, min(24, len(obj_x)),
                                   rng)

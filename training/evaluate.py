@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import checkpoint_stem, load_checkpoint
 from models.spectral import apply_masks, istft, stft, warp
 from training.metrics import bss_eval
 from training.music_data import list_ensembles, load_audio, read_pairs
@@ -46,8 +46,7 @@ def parse_ckpt(spec: str) -> tuple[str, Path]:
     label, _, path = spec.rpartition("=")
     if not label or not path:
         raise ValueError(f"--ckpt {spec!r}: expected LABEL=PATH")
-    stem = Path(path)
-    stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
+    stem = checkpoint_stem(path)
     if not stem.with_suffix(".json").is_file():
         raise ValueError(f"--ckpt {spec!r}: no checkpoint {stem}.json")
     return label, stem
