@@ -316,7 +316,7 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
         nodes["detector"] = ("nodes.detector:Detector", {
             "bundle": str(bundle), "interval_s": args.update_every,
             "detect_every_s": args.detect_every,
-            "score_threshold": args.score_threshold, "device": args.device,
+            "score_threshold": args.score_threshold, "device": detector_device(args.device),
             "report_path": str(run_dir / "detector.report.json")}, None)
         nodes["motion"] = ("nodes.motion:Motion", {"bundle": str(bundle), "device": args.device},
                            None)
@@ -548,6 +548,30 @@ def list_devices() -> int:
     return EXIT_OK
 
 
+def check_device(device: str) -> None:
+    """--device cuda on a machine where torch sees no GPU: one line now, not three crashed
+    nodes later."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device (use --device auto or cpu)")
+
+
+def detector_device(device: str) -> str:
+    """The detector's device for --device: it runs on onnxruntime, whose build may lack the
+    CUDA provider that torch's has; then it runs on the CPU (said once) while the torch nodes
+    use the GPU."""
+    if device != "cuda":
+        return device
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return device
+    log("--device cuda: onnxruntime has no CUDA provider; the detector runs on the CPU")
+    return "cpu"
+
+
 def demo_clip(demo_dir: Path) -> Path:
     """A small SynthMUSIC ensemble clip, generated once by training.synth (subprocess)."""
     ens = demo_dir / "ensembles"
@@ -596,6 +620,7 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "lookahead" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {v} is out of range")
+    check_device(args.device)
     live = args.input.startswith("mic")
     fifo_dir = None
     duration_s = None

@@ -79,6 +79,7 @@ class Separator(Node):
         self.sync_vision, self.vision_wait_s = sync_vision, vision_wait_s
         self.fallback = [fallback] if isinstance(fallback, str) else list(fallback or [])
         self.threads, self.onnx_path, self.report_path = threads, onnx_path, report_path
+        self.providers: list[str] | None = None  # onnxruntime's, for the onnx backend
         if sync_vision:
             self.tick_interval = 0.05  # the vision wait's timeout needs a clock
         self.streams: dict[str, _Stream] = {}
@@ -129,8 +130,10 @@ class Separator(Node):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
-        device = "cuda" if self.dev == "cuda" else "cpu"
-        return ort.InferenceSession(str(path), opts, providers=onnx_providers(device))
+        # The requested device, not torch's pick: "auto" on a GPU machine whose onnxruntime
+        # has no CUDA provider runs the session on the CPU rather than refusing to start.
+        self.providers = onnx_providers(self.device)
+        return ort.InferenceSession(str(path), opts, providers=self.providers)
 
     def stop(self) -> None:
         """Write the report (output spans, settings) when asked for."""
@@ -141,6 +144,7 @@ class Separator(Node):
         """Spans (seconds) where each label was output, and the step settings."""
         return {"spans": self.spans, "window": self.window, "block": self.block,
                 "lookahead": self.lookahead, "backend": self.backend, "device": self.dev,
+                "onnx_providers": self.providers,
                 "fallback": self.fallback}
 
     # --------------------------------------------------------------------- query cache

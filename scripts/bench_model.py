@@ -1,11 +1,12 @@
 """Model benchmarks behind the preset sizes (docs/MODELS.md): parameter counts, the time to
 separate one 6 s clip, the training step and the streaming step of the `cpu` preset, the visual
-encoders, and (--sweep) candidate `cpu` sizes measured side by side.
+encoders, and (--sweep) candidate `cpu` sizes measured side by side. --cuda adds the same model
+steps on the GPU (when torch sees one) to the same rounds, so that CPU / GPU are ratios of one run.
 
 Every figure is the median over repeated rounds with its min-max spread. Rounds interleave the
 configurations so that load from other processes hits them alike: compare ratios within a run.
 
-    .venv/bin/python scripts/bench_model.py [--threads 2] [--rounds 5] [--sweep] [--onnx]
+    .venv/bin/python scripts/bench_model.py [--threads 2] [--rounds 5] [--sweep] [--onnx] [--cuda]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CLIP_FRAMES = 256  # one 6 s clip (65535 samples)
 N_SOURCES = 2
 BATCH = 8
 BLOCK = 4  # frames emitted per streaming step
+CPU = torch.device("cpu")
 
 
 def timed(fn: Callable[[], object], inner: int) -> float:
@@ -50,37 +52,45 @@ def timed(fn: Callable[[], object], inner: int) -> float:
     return statistics.median(times)
 
 
-def visual_inputs(model: IQuery, b: int, q: int) -> dict:
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timed call includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def visual_inputs(model: IQuery, b: int, q: int, device: torch.device = CPU) -> dict:
     kw = model.kwargs
-    return {
+    return {k: v.to(device) for k, v in {
         "obj_feats": torch.randn(b, q, kw["obj_dim"]),
         "class_ids": torch.arange(q).repeat(b, 1),
         "motion": torch.randn(b, q, 4, kw["motion_dim"]),
         "motion_pad": torch.zeros(b, q, 4, dtype=torch.bool),
         "query_pad": torch.zeros(b, q, dtype=torch.bool),
-    }
+    }.items()}
 
 
-def clip_fn(model: IQuery) -> Callable[[], object]:
+def clip_fn(model: IQuery, device: torch.device = CPU) -> Callable[[], object]:
     """Separate one 256-frame clip: one window, or the clip cut into the model's windows
     (batched) when the window is shorter."""
+    model.to(device)
     n_win = max(1, CLIP_FRAMES // model.n_frames)
-    x = torch.rand(n_win, 1, model.n_rows, model.n_frames)
-    cache = model.encode_visual(**visual_inputs(model, n_win, N_SOURCES))
+    x = torch.rand(n_win, 1, model.n_rows, model.n_frames, device=device)
+    cache = model.encode_visual(**visual_inputs(model, n_win, N_SOURCES, device))
 
     def run() -> None:
         with torch.inference_mode():
             model.separate(x, cache)
+        sync(device)
     return run
 
 
-def train_fn(model: IQuery) -> Callable[[], object]:
+def train_fn(model: IQuery, device: torch.device = CPU) -> Callable[[], object]:
     """One Mix-and-Separate step: batch 8, 2 sources, weighted L1 on ratio masks, AdamW."""
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.rand(BATCH, 1, model.n_rows, model.n_frames)
-    vis = visual_inputs(model, BATCH, N_SOURCES)
-    target = torch.rand(BATCH, N_SOURCES, model.n_rows, model.n_frames)
+    x = torch.rand(BATCH, 1, model.n_rows, model.n_frames, device=device)
+    vis = visual_inputs(model, BATCH, N_SOURCES, device)
+    target = torch.rand(BATCH, N_SOURCES, model.n_rows, model.n_frames, device=device)
     weight = x.clone()
 
     def run() -> None:
@@ -89,17 +99,21 @@ def train_fn(model: IQuery) -> Callable[[], object]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync(device)
     return run
 
 
 class StreamStep:
     """The per-block work of the engine for one mixture: STFT of a block of samples, model input
-    of the sliding window, separation, masks of the newest frames applied, inverse STFT."""
+    of the sliding window, separation, masks of the newest frames applied, inverse STFT. On a
+    GPU, as in the separator node, only the model runs there: the window goes up, the masks of
+    the newest frames come back."""
 
-    def __init__(self, model: IQuery, model_only: bool = False) -> None:
-        self.model = model.eval()
-        self.model_only = model_only
-        self.cache = model.encode_visual(**visual_inputs(model, 1, N_SOURCES))
+    def __init__(self, model: IQuery, model_only: bool = False,
+                 device: torch.device = CPU) -> None:
+        self.model = model.to(device).eval()
+        self.model_only, self.device = model_only, device
+        self.cache = model.encode_visual(**visual_inputs(model, 1, N_SOURCES, device))
         self.stft, self.istft = StreamingSTFT(), StreamingISTFT()
         rng = np.random.default_rng(0)
         self.audio = rng.standard_normal(SAMPLE_RATE * 60).astype(np.float32) * 0.1
@@ -109,22 +123,23 @@ class StreamStep:
         assert self.window.shape[-1] < model.n_frames
         self.window = torch.cat([self.window.new_zeros(512, model.n_frames), self.window], -1)
         self.window = self.window[:, -model.n_frames:]
-        self.x = model_input(self.window[None], model.n_rows)
+        self.x = model_input(self.window[None], model.n_rows).to(device)
 
     def __call__(self) -> None:
         with torch.inference_mode():
             if self.model_only:
                 self.model.separate(self.x, self.cache)
+                sync(self.device)
                 return
             if self.pos + BLOCK * HOP > self.audio.shape[0]:
                 self.pos = 0
             new = self.stft.push(self.audio[self.pos:self.pos + BLOCK * HOP])
             self.pos += BLOCK * HOP
             self.window = torch.cat([self.window, new], dim=-1)[:, -self.model.n_frames:]
-            x = model_input(self.window[None], self.model.n_rows)
-            masks = self.model.separate(x, self.cache)  # (1, Q, rows, T)
+            x = model_input(self.window[None], self.model.n_rows).to(self.device)
             k = new.shape[-1]
-            out = apply_masks(masks[..., -k:], self.window[None, :, -k:])
+            masks = self.model.separate(x, self.cache)[..., -k:].cpu()  # (1, Q, rows, k)
+            out = apply_masks(masks, self.window[None, :, -k:])
             self.istft.push(out[0])
 
 
@@ -175,9 +190,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="time candidate cpu sizes")
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime per step")
+    parser.add_argument("--cuda", action="store_true",
+                        help="also time the model steps on the GPU (error if torch sees none)")
     parser.add_argument("--load", type=int, default=0,
                         help="start this many busy background processes (simulated contention)")
     args = parser.parse_args()
+    if args.cuda and not torch.cuda.is_available():
+        parser.error("--cuda: torch sees no CUDA device")
     stop = mp.Event()
     burners = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(args.load)]
     for p in burners:
@@ -220,6 +239,19 @@ def bench(args: argparse.Namespace) -> None:
     }
     if args.onnx:
         jobs["cpu: streaming step, onnxruntime CPU (model only)"] = (onnx_step_fn(cpu), 20)
+    if args.cuda:
+        gpu = torch.device("cuda")
+        print(f"GPU: {torch.cuda.get_device_name(gpu)} (TF32 convolutions: "
+              f"{torch.backends.cudnn.allow_tf32})")
+        jobs |= {
+            "GPU paper: separate one 6 s clip": (clip_fn(build_model("paper").eval(), gpu), 5),
+            "GPU cpu: separate one 6 s clip": (clip_fn(build_model("cpu").eval(), gpu), 5),
+            "GPU cpu: streaming step, model only": (StreamStep(build_model("cpu"), True, gpu), 20),
+            "GPU cpu: streaming step, STFT->model->iSTFT":
+                (StreamStep(build_model("cpu"), device=gpu), 20),
+            "GPU cpu: training step (batch 8)": (train_fn(build_model("cpu"), gpu), 5),
+            "GPU paper: training step (batch 8)": (train_fn(build_model("paper"), gpu), 5),
+        }
     for name, ms in run_rounds(jobs, args.rounds).items():
         print(f"{name:70s} {fmt(ms)}")
 

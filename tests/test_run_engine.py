@@ -116,6 +116,23 @@ def test_help_explains_and_usage_errors_are_one_line(capsys) -> None:
     assert run_engine.main([]) == run_engine.EXIT_USAGE
 
 
+def test_device_cuda_without_a_gpu_is_one_line_and_detector_falls_back(
+        monkeypatch, capsys, bundle: str, tmp_path: Path) -> None:
+    import onnxruntime
+    import torch
+
+    clip = write_clip(tmp_path / "clip.mkv", 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_engine.main(["--input", str(clip), "--device", "cuda", "--out",
+                            str(tmp_path / "sep"), "--bundle", bundle]) == run_engine.EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch sees no CUDA device" in err[0]
+    # A GPU for torch but an onnxruntime without CUDA: the detector alone runs on the CPU.
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert run_engine.detector_device("cuda") == "cpu"
+    assert run_engine.detector_device("auto") == "auto"
+
+
 def test_file_gives_one_wav_per_track_at_input_duration(bundle: str, tmp_path: Path) -> None:
     clip = write_clip(tmp_path / "clip.mkv", 2.0)
     out = tmp_path / "sep"

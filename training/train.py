@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto (default): a GPU per local process when there are enough, else "
+                         "the CPU")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--exclude-classes", default="",
                     help="comma-separated class names left out of training and validation "
@@ -381,6 +384,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def pick_device(name: str) -> torch.device:
+    """--device -> this process's device. "auto": the GPU of this process's local rank when
+    every local process has one (torchrun with more processes than GPUs runs all on the CPU,
+    with gloo), else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    enough = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    if name == "cuda" and not enough:
+        raise ValueError(f"--device cuda: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"for {local_world} local process(es)")
+    if name == "cuda" or (name == "auto" and enough):
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
 def train(args: argparse.Namespace) -> int:
     """The training loop behind the command line."""
     from torch.utils.tensorboard import SummaryWriter
@@ -388,12 +406,11 @@ def train(args: argparse.Namespace) -> int:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(args.device)
     if world > 1:
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                          if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed + rank)
     names = [inst.name for inst in load_vocabulary()]
     excluded = [c for c in args.exclude_classes.split(",") if c]

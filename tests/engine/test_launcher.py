@@ -48,7 +48,7 @@ to = "sink.audio"
 CRASH = """
 [nodes.crash]
 class = "engine.testing:CrashOnce"
-params = { marker = "{graph_dir}/crashed", at = 8 }
+params = { marker = "{graph_dir}/crashed", at = 24 }
 max_restarts = 2
 [[edges]]
 from = "crash.out"
@@ -98,13 +98,14 @@ def test_identity_graph_reconstructs_input(tmp_path):
 
 
 def test_crashed_node_is_restarted_and_counted(tmp_path):
-    # Realtime pacing: most chunks are sent after the crash and reach the restarted process.
-    # The crash comes at the 8th chunk (~0.7 s in), not the 3rd: the chunks the crashing
-    # process forwarded before it sit in its ZMQ queue until the stft node has bound its input,
-    # and an abrupt exit loses them too. On a cold start (a fresh venv: torch imports slowly)
-    # the stft could bind after a 3rd-chunk crash, see no chunk before the loss and so count
-    # no gap (seen once in CI). Later, the earlier chunks have arrived and the loss is a gap.
-    x = _setup(tmp_path, 2.0, crash=True, realtime=True)
+    # Realtime pacing: the chunks after the crash reach the restarted process. The crash
+    # comes at the 24th chunk (~2.2 s in): the chunks the crashing process forwarded before it
+    # sit in its ZMQ queue until the stft node has bound its input, and an abrupt exit loses
+    # them too. On a cold start (torch importing slowly) the stft bound after a crash at the
+    # 3rd chunk in CI and after one at the 8th (~0.7 s) on a 16-core GPU machine, saw no chunk
+    # before the loss and so counted no gap. Later, the earlier chunks have arrived and the
+    # loss is a gap.
+    x = _setup(tmp_path, 4.0, crash=True, realtime=True)
     summary = launch(tmp_path / "g.toml", tmp_path / "run", timeout=60)
     assert summary["reason"] == "finished", summary
     crash = summary["nodes"]["crash"]

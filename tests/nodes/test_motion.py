@@ -34,7 +34,8 @@ def tracks(pts_s: float, n: int) -> tuple[str, VisionUpdate]:
 
 
 def run(bundle: str, inputs: list) -> list[VisionUpdate]:
-    out = run_node(Motion(bundle=bundle), inputs)
+    # On the CPU: the features are compared with CPU references (tests/test_cuda.py: the GPU).
+    out = run_node(Motion(bundle=bundle, device="cpu"), inputs)
     assert isinstance(out[-1][1], EndOfStream)
     return [m for _, m in out if isinstance(m, VisionUpdate)]
 

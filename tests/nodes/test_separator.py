@@ -51,13 +51,14 @@ def masks_of(outputs: list) -> np.ndarray:
 def test_streamed_masks_equal_offline_reference(bundle: str) -> None:
     x = signal(11025 * 2 + 100)
     spec = stft(x)
-    node = Separator(bundle=bundle, fallback=["violin", "flute"], lookahead=3, block=5)
+    node = Separator(bundle=bundle, fallback=["violin", "flute"], lookahead=3, block=5,
+                     device="cpu")  # as the reference below (tests/test_cuda.py: the GPU)
     out = run_node(node, [*chunks(spec), ("spec", EndOfStream(stream="mix", time=len(x)))])
     assert isinstance(out[-1][1], EndOfStream) and out[-1][1].time == len(x)
     streamed = masks_of(out)
     assert streamed.shape == (2, 512, spec.shape[1])
     assert {tuple(m.labels) for _, m in out if isinstance(m, Masks)} == {("violin", "flute")}
-    ref_node = Separator(bundle=bundle, fallback=["violin", "flute"])
+    ref_node = Separator(bundle=bundle, fallback=["violin", "flute"], device="cpu")
     ref_node.start()
     cache = ref_node.fallback_state.cache
     with torch.no_grad():
@@ -70,7 +71,7 @@ def test_streamed_masks_equal_offline_reference(bundle: str) -> None:
 def test_streamed_separator_and_overlap_add_equal_offline(bundle: str) -> None:
     x = signal(11025 + 333, seed=1)
     spec = stft(x)
-    sep = Separator(bundle=bundle, fallback=["piano"])
+    sep = Separator(bundle=bundle, fallback=["piano"], device="cpu")
     masks = run_node(sep, [*chunks(spec, 3), ("spec", EndOfStream(stream="mix", time=len(x)))])
     audio = run_node(OverlapAdd(), masks)
     got = np.concatenate([m.samples for _, m in audio if isinstance(m, AudioChunk)])
@@ -144,9 +145,11 @@ def test_onnx_backend_matches_torch(bundle: str, tmp_path: Path) -> None:
     x = signal(11025)
     spec = stft(x)
     inputs = [*chunks(spec), ("spec", EndOfStream(stream="mix", time=len(x)))]
-    a = masks_of(run_node(Separator(bundle=bundle, fallback="all"), inputs))
-    b = masks_of(run_node(Separator(bundle=bundle, fallback="all", backend="onnx",
-                                    onnx_path=str(tmp_path / "sep.onnx")), inputs))
+    a = masks_of(run_node(Separator(bundle=bundle, fallback="all", device="cpu"), inputs))
+    onnx = Separator(bundle=bundle, fallback="all", backend="onnx",
+                     onnx_path=str(tmp_path / "sep.onnx"))  # device "auto"
+    b = masks_of(run_node(onnx, inputs))
+    assert onnx.report()["onnx_providers"][-1] == "CPUExecutionProvider"
     assert a.shape == (12, 512, spec.shape[1])
     np.testing.assert_allclose(a, b, atol=1e-4)
 

@@ -128,13 +128,36 @@ def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
     assert code == 2 and "training.encoders" in capsys.readouterr().err
 
 
+def test_device_auto_takes_a_gpu_per_local_process_or_the_cpu(monkeypatch):
+    import torch
+
+    from training.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pick_device("auto") == torch.device("cuda:0")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, 2 processes, 1 GPU: all on the CPU
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="1 CUDA device.*2 local process"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pick_device("auto") == torch.device("cpu")
+
+
 def test_ddp_two_cpu_processes(fake_data, tmp_path):
     out = tmp_path / "ddp"
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # ROOT first, the caller's path kept (packages installed outside the venv stay importable).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training.train", "--data", str(fake_data),
            "--model", "sop", "--steps", "2", "--batch", "2", "--val-every", "2",
-           "--val-mixtures", "2", "--out", str(out), "--no-progress"]
+           "--val-mixtures", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
     # Own process group: a hang is killed whole (torchrun's workers included), no orphans.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
