@@ -7,7 +7,8 @@ and every trained checkpoint with ground-truth-named and detector-named queries.
 
 Each row is cached as <out>/rows/<row>.json (delete it to recompute); <out>/results.json and
 <out>/results.md gather every row. Long clips are separated by training.separate (windows of
-n_frames, 50% overlap).
+n_frames, 50% overlap). `--pairs-from train` scores pairs of training clips instead of the
+test pairs (ground-truth-named only): with the test rows beside it, the generalisation gap.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from models.checkpoint import checkpoint_stem, load_checkpoint
 from models.spectral import apply_masks, istft, stft, warp
 from training.metrics import bss_eval
-from training.music_data import list_ensembles, load_audio, read_pairs
+from training.music_data import Clip, MusicIndex, list_ensembles, load_audio, read_pairs
 from training.separate import Query, separate_wave
 
 # A test item: name, references (K, N), mixture (N,), and per source its feature stems.
@@ -52,15 +53,41 @@ def parse_ckpt(spec: str) -> tuple[str, Path]:
     return label, stem
 
 
+PAIRS_PER_CLASS = 10
+
+
+def split_pairs(data: Path, split: str, per_class: int = PAIRS_PER_CLASS,
+                seed: int = 0) -> list[tuple[Clip, Clip]]:
+    """Pairs of one split's clips: per class (sorted), `per_class` of its clips drawn without
+    replacement, each with a random clip of another class; fixed by the seed."""
+    by_class: dict[str, list[Clip]] = {}
+    for c in MusicIndex.from_csv(data / f"{split}.csv").clips:
+        by_class.setdefault(c.class_name, []).append(c)
+    if len(by_class) < 2:
+        raise ValueError(f"{data / f'{split}.csv'}: pairs need clips of >= 2 classes")
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for name in sorted(by_class):
+        own = by_class[name]
+        others = [c for other, cs in sorted(by_class.items()) if other != name for c in cs]
+        for i in rng.choice(len(own), min(per_class, len(own)), replace=False):
+            pairs.append((own[int(i)], others[int(rng.integers(len(others)))]))
+    return pairs
+
+
 def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None,
-               features: Path | None = None) -> tuple[list[Item], list[Item]]:
+               features: Path | None = None, pairs_from: str = "test"
+               ) -> tuple[list[Item], list[Item]]:
     """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`; max_pairs /
     max_ensembles pick evenly spaced subsets; queries from `features` (<data>/features by
-    default)."""
+    default). pairs_from "train" / "val": split_pairs of that split instead of the test pairs
+    (they have no detector features: their "det" stems are missing)."""
     feats = features or data / "features"
     n_max = round(seconds * 11025)
     pairs = []
-    for a, b in spread(read_pairs(data / "test_pairs.csv"), max_pairs):
+    listed = (read_pairs(data / "test_pairs.csv") if pairs_from == "test"
+              else split_pairs(data, pairs_from))
+    for a, b in spread(listed, max_pairs):
         wa, wb = load_audio(a), load_audio(b)
         n = min(len(wa), len(wb), n_max)
         refs = np.stack([wa[:n], wb[:n]])
@@ -195,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the cpu preset's 128-row grid), irm_grid256 (the same on the paper's "
                          "256 rows), nmf")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--pairs-from", default="test", choices=["test", "train", "val"],
+                    help="test: the fixed test pairs (default); train / val: 10 pairs per class "
+                         "of that split's clips (seed 0), GT-named rows only, to measure the "
+                         "generalisation gap; rows are cached by label, so give another --out")
     ap.add_argument("--features", type=Path, default=None,
                     help="feature cache of the queries (default <data>/features), e.g. one "
                          "re-encoded with a motion encoder trained end to end; rows are cached "
@@ -205,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     from training.instruments import load_vocabulary
 
     names = [inst.name for inst in load_vocabulary()]
+    if args.pairs_from != "test" and args.max_ensembles != 0:
+        raise SystemExit(f"error: --pairs-from {args.pairs_from} scores pairs only: add "
+                         "--max-ensembles 0")
     pairs, ens = load_items(args.data, args.seconds, args.max_pairs, args.max_ensembles,
-                            args.features)
+                            args.features, args.pairs_from)
     rows_dir = args.out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
 
@@ -228,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         model, _ = load_checkpoint(path)
-        for naming, desc in (("det", "detector-named"), ("gt", "GT-named")):
+        namings = (("det", "detector-named"), ("gt", "GT-named"))
+        for naming, desc in namings[args.pairs_from != "test":]:  # no detector outside test
             jobs.append((f"{label} ({desc})",
                          lambda it, m=model, n=naming: model_estimates(m, it, n, names)))
 

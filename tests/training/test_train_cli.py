@@ -170,3 +170,30 @@ def test_ddp_two_cpu_processes(fake_data, tmp_path):
     assert proc.returncode == 0, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 2
+
+
+def test_evaluate_pairs_of_training_clips(fake_data, tmp_path, capsys):
+    """--pairs-from train: fixed pairs of different classes from train.csv, GT-named rows
+    only (training clips have no detector features), beside a baseline."""
+    from training.evaluate import main as evaluate
+    from training.evaluate import split_pairs
+
+    pairs = split_pairs(fake_data, "train", per_class=2)
+    assert len(pairs) == 6 and all(a.class_name != b.class_name for a, b in pairs)
+    assert [(a.clip_id, b.clip_id) for a, b in pairs] == \
+        [(a.clip_id, b.clip_id) for a, b in split_pairs(fake_data, "train", per_class=2)]
+    assert all("_train_" in a.clip_id and "_train_" in b.clip_id for a, b in pairs)
+    run = tmp_path / "run"
+    assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(run),
+                 "--no-progress", "--threads", "1"]) == 0
+    out = tmp_path / "eval"
+    args = ["--data", str(fake_data), "--out", str(out), "--pairs-from", "train",
+            "--baselines", "irm", "--seconds", "1", "--ckpt", f"m={run / 'best'}"]
+    with pytest.raises(SystemExit, match="--max-ensembles 0"):
+        evaluate(args)
+    assert evaluate(args + ["--max-ensembles", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_pairs"] == 6 and res["n_ensembles"] == 0
+    assert set(res["pairs"]) == {"Ideal ratio mask (oracle)", "m (GT-named)"}
+    assert res["pairs"]["Ideal ratio mask (oracle)"]["sdr"] > res["pairs"]["m (GT-named)"]["sdr"]
