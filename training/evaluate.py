@@ -60,9 +60,7 @@ def split_pairs(data: Path, split: str, per_class: int = PAIRS_PER_CLASS,
                 seed: int = 0) -> list[tuple[Clip, Clip]]:
     """Pairs of one split's clips: per class (sorted), `per_class` of its clips drawn without
     replacement, each with a random clip of another class; fixed by the seed."""
-    by_class: dict[str, list[Clip]] = {}
-    for c in MusicIndex.from_csv(data / f"{split}.csv").clips:
-        by_class.setdefault(c.class_name, []).append(c)
+    by_class = MusicIndex.from_csv(data / f"{split}.csv").by_class()
     if len(by_class) < 2:
         raise ValueError(f"{data / f'{split}.csv'}: pairs need clips of >= 2 classes")
     rng = np.random.default_rng(seed)
