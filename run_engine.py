@@ -564,12 +564,14 @@ def detector_device(device: str) -> str:
     use the GPU."""
     if device != "cuda":
         return device
-    import onnxruntime as ort
+    from nodes.detector import onnx_providers
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    try:
+        onnx_providers(device)  # the nodes' one rule for onnxruntime's providers
         return device
-    log("--device cuda: onnxruntime has no CUDA provider; the detector runs on the CPU")
-    return "cpu"
+    except ValueError:
+        log("--device cuda: onnxruntime has no CUDA provider; the detector runs on the CPU")
+        return "cpu"
 
 
 def demo_clip(demo_dir: Path) -> Path:

@@ -20,7 +20,7 @@ from models.checkpoint import load_checkpoint
 from models.spectral import istft, stft
 from nodes.bundle import make_random_bundle
 from training.mixdata import MixSampler, SoloClip
-from training.train import forward, make_optimizers, mask_loss, to_tensors
+from training.train import forward, make_model, make_optimizers, mask_loss, to_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -92,8 +92,6 @@ def test_training_step_on_cuda_matches_cpu(name: str, exact_fp32) -> None:
     """Same weights, same batch: the same loss and gradients on both devices, and one
     optimizer step runs on the GPU. (Weights after an Adam step are not compared: Adam turns
     the sign of a near-zero gradient's rounding noise into a full-size step.)"""
-    from training.train import make_model
-
     torch.manual_seed(0)
     models = {CPU: make_model(name, "cpu")}
     models[CUDA] = make_model(name, "cpu").to(CUDA)
@@ -113,12 +111,10 @@ def test_training_step_on_cuda_matches_cpu(name: str, exact_fp32) -> None:
     # the L1 loss's gradient is sign(mask - target), which flips wherever the two devices'
     # masks straddle the target (seen on an H100: 3e-4 and 9e-4 relative). A wrong device
     # path (a misplaced warp matrix, a stale copy) is off by order 1.
-    grads = {}
-    for dev, model in models.items():
-        assert all((p.grad is None) == (q.grad is None) for p, q in
-                   zip(model.parameters(), models[CPU].parameters(), strict=True))
-        grads[dev] = torch.cat([p.grad.flatten().cpu() for p in model.parameters()
-                                if p.grad is not None])
+    params = list(zip(models[CPU].parameters(), models[CUDA].parameters(), strict=True))
+    assert all((a.grad is None) == (b.grad is None) for a, b in params)
+    grads = {dev: torch.cat([p.grad.flatten().cpu() for p in model.parameters()
+                             if p.grad is not None]) for dev, model in models.items()}
     err = (grads[CUDA] - grads[CPU]).norm() / grads[CPU].norm()
     assert err < 1e-2, f"relative gradient error {err:.2e}"
     before = [p.detach().clone() for p in models[CUDA].parameters()]
