@@ -17,12 +17,14 @@ from training.train import (
     forward,
     forward_with_embeddings,
     info_nce,
+    lr_factor,
     load_state,
     main,
     make_model,
     make_optimizers,
     mask_loss,
     save_state,
+    set_lr,
     to_tensors,
     train_step,
 )
@@ -319,3 +321,27 @@ def test_ckpt_spec_splits_at_the_last_equals_sign_and_needs_the_checkpoint(tmp_p
     for bad in ("no-equals", f"={tmp_path}/run/best", "x=", f"x={tmp_path}/missing"):
         with pytest.raises(ValueError, match="--ckpt"):
             parse_ckpt(bad)
+
+
+def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
+    assert [lr_factor(p) for p in (0.0, 0.39, 0.4, 0.79, 0.8, 1.0)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert lr_factor(0.5, (0.8,)) == 1.0 and lr_factor(0.9, (0.8,)) == pytest.approx(0.1)
+    model = small_model("iquery")
+    opts = make_optimizers(model, 1e-4, 1e-3)
+    base = [[g["lr"] for g in o.param_groups] for o in opts]
+    set_lr(opts, base, 0.85)
+    assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
+        [lr * 0.01 for lrs in base for lr in lrs])
+    set_lr(opts, base, 0.1)  # back to the start (a resumed run recomputes from progress)
+    assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
+        [lr for lrs in base for lr in lrs])
+
+
+@pytest.mark.parametrize("bad", ["0.4,1.2", "half", "0"])
+def test_cli_refuses_lr_steps_outside_the_budget(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",
+              "--lr-steps", bad])
+    assert e.value.code == 2
+    assert "--lr-steps" in capsys.readouterr().err

@@ -64,6 +64,7 @@ def test_cli_contrastive_weight_is_logged_and_recorded(fake_data, tmp_path, caps
                  "--threads", "1", "--contrastive-weight", "0.2"]) == 0
     _, meta = load_checkpoint(out / "best")
     assert meta["contrastive_weight"] == 0.2 and meta["contrastive_temperature"] == 0.1
+    assert meta["lr_steps"] == [0.4, 0.8]
     last = json.loads((out / "summary.json").read_text())["history"][-1]
     assert last["contrastive"] > 0 and last["mask_loss"] > 0
     assert " contrastive " in capsys.readouterr().out
@@ -118,8 +119,8 @@ def test_cli_n_rows_overrides_the_preset_grid(fake_data, tmp_path):
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
                  "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
                  "--threads", "1", "--n-rows", "64"]) == 0
-    model, _ = load_checkpoint(out / "best")
-    assert model.n_rows == 64
+    model, meta = load_checkpoint(out / "best")
+    assert model.n_rows == 64 and meta["kwargs"]["n_rows"] == 64
 
 
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
