@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     det_metrics = json.loads((args.detector / "detector_metrics.json").read_text())
     manifest = {
         "class_names": class_names(),
+        # The model's own kwargs only: checkpoints before 2026-11-23 recorded the preset's in
+        # their meta (n_rows 128 for an --n-rows 256 run).
         "separator": {"file": "separator", "class": type(sep).__name__, "kwargs": sep.kwargs,
-                      "trained": sep_meta},
+                      "trained": {k: v for k, v in sep_meta.items() if k != "kwargs"}},
         "object_encoder": {"file": "object_encoder", "kwargs": obj.kwargs, "crop": OBJ_CROP,
                            "frames_max_pooled": OBJ_FRAMES, "crop_margin": OBJ_MARGIN},
         "motion_encoder": {"file": "motion_encoder", "kwargs": mot.kwargs, "crop": MOTION_CROP,

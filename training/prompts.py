@@ -149,8 +149,7 @@ def finetune(args: argparse.Namespace) -> int:
     model.train()
     t0 = time.time()
     while step < max_steps and time.time() - t0 < budget:
-        # One drop at 80%: the schedule the prompt results (docs/RESULTS.md) were measured with.
-        set_lr(opts, base, max(step / max_steps, (time.time() - t0) / budget), (0.8,))
+        set_lr(opts, base, max(step / max_steps, (time.time() - t0) / budget))
         loss = train_step(model, opts, sampler, args.batch, model.n_rows, device)
         step += 1
         last = step >= max_steps or time.time() - t0 >= budget

@@ -17,8 +17,8 @@ from training.train import (
     forward,
     forward_with_embeddings,
     info_nce,
-    lr_factor,
     load_state,
+    lr_factor,
     main,
     make_model,
     make_optimizers,
@@ -324,16 +324,17 @@ def test_ckpt_spec_splits_at_the_last_equals_sign_and_needs_the_checkpoint(tmp_p
 
 
 def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
-    assert [lr_factor(p) for p in (0.0, 0.39, 0.4, 0.79, 0.8, 1.0)] == pytest.approx(
+    steps = (0.4, 0.8)
+    assert [lr_factor(p, steps) for p in (0.0, 0.39, 0.4, 0.79, 0.8, 1.0)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
-    assert lr_factor(0.5, (0.8,)) == 1.0 and lr_factor(0.9, (0.8,)) == pytest.approx(0.1)
+    assert lr_factor(0.79) == 1.0 and lr_factor(0.9) == pytest.approx(0.1)  # the default
     model = small_model("iquery")
     opts = make_optimizers(model, 1e-4, 1e-3)
     base = [[g["lr"] for g in o.param_groups] for o in opts]
-    set_lr(opts, base, 0.85)
+    set_lr(opts, base, 0.85, steps)
     assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
         [lr * 0.01 for lrs in base for lr in lrs])
-    set_lr(opts, base, 0.1)  # back to the start (a resumed run recomputes from progress)
+    set_lr(opts, base, 0.1, steps)  # back to the start (a resumed run recomputes from progress)
     assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
         [lr for lrs in base for lr in lrs])
 
