@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-rows", type=int, default=None,
                     help="frequency rows of the warped grid, replacing the preset's (cpu: 128, "
                          "paper: 256): a finer grid raises the mask's ceiling and the cost")
+    ap.add_argument("--ngf", type=int, default=None,
+                    help="U-Net base width, replacing the preset's (cpu: 16, paper: 64): more "
+                         "capacity, ~2x the step cost per doubling")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -434,7 +437,7 @@ def train(args: argparse.Namespace) -> int:
     for c in excluded:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
-    overrides = {} if args.n_rows is None else {"n_rows": args.n_rows}
+    overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf)) if v is not None}
     model = make_model(args.model, args.preset, **overrides)
     n_rows, n_frames = model.n_rows, model.n_frames
     tubes = args.motion_e2e is not None

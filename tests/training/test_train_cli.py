@@ -114,13 +114,14 @@ def test_cli_motion_e2e_refuses_a_checkpoint_that_is_not_a_motion_encoder(fake_d
     assert code == 2 and "got a ObjectEncoder" in capsys.readouterr().err
 
 
-def test_cli_n_rows_overrides_the_preset_grid(fake_data, tmp_path):
+def test_cli_n_rows_and_ngf_override_the_preset(fake_data, tmp_path):
     out = tmp_path / "rows"
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
                  "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
-                 "--threads", "1", "--n-rows", "64"]) == 0
+                 "--threads", "1", "--n-rows", "64", "--ngf", "8"]) == 0
     model, meta = load_checkpoint(out / "best")
     assert model.n_rows == 64 and meta["kwargs"]["n_rows"] == 64
+    assert model.kwargs["ngf"] == meta["kwargs"]["ngf"] == 8
 
 
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
