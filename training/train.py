@@ -7,9 +7,9 @@ cached visual features:
 Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p of the warped
 mixture magnitude; AdamW for the transformer, Adam for the audio network; a step LR schedule
 scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels' published two drops);
-validation SDR on a fixed set of val mixtures, best kept by
-val only. <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no
-pickle), <out>/best.* the best model. torchrun runs it data-parallel (gloo on CPU).
+validation SDR on a fixed set of val mixtures, best kept by val only. <out>/last/ is a resumable
+state (model, optimizers, RNGs: safetensors + JSON, no pickle), <out>/best.* the best model.
+torchrun runs it data-parallel (gloo on CPU).
 --contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
 to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 --motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
@@ -38,7 +38,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
 from models.spectral import apply_masks, istft, model_input, stft, warp
 from models.visual import MotionEncoder
-from training.factory import build_model, preset_kwargs
+from training.factory import build_model
 from training.instruments import load_vocabulary
 from training.metrics import bss_eval
 from training.mixdata import MixSampler, load_solo
@@ -287,7 +287,7 @@ def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows:
 
 # One x0.1 drop at 80% of the budget. Sound-of-Pixels' published schedule (train_MUSIC.sh:
 # --num_epoch 100 --lr_steps 40 80) scaled to a 55-minute budget (--lr-steps 0.4,0.8) ended
-# 1.2 dB (iQuery) and 0.8 dB (Sound-of-Pixels) lower on val: docs/RESULTS.md section 12.
+# 1.1 dB (iQuery) and 0.8 dB (Sound-of-Pixels) lower on val: docs/RESULTS.md section 12.
 LR_STEPS = (0.8,)
 
 
@@ -439,7 +439,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
     overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf)) if v is not None}
     model = make_model(args.model, args.preset, **overrides)
-    n_rows, n_frames = model.n_rows, model.n_frames
+    n_rows, n_frames, sep_kwargs = model.n_rows, model.n_frames, dict(model.kwargs)
     tubes = args.motion_e2e is not None
     if tubes:
         enc = (MotionEncoder(motion_dim=model.kwargs["motion_dim"], base_channels=16,
@@ -474,8 +474,7 @@ def train(args: argparse.Namespace) -> int:
     budget_s = args.minutes * 60 if args.minutes is not None else float("inf")
     max_steps = args.steps if args.steps is not None else 10 ** 9
     meta = {"model": args.model, "preset": args.preset,
-            "kwargs": preset_kwargs(args.preset, "sop" if args.model == "sop" else "iquery",
-                                    **overrides), "lr_steps": list(args.lr_steps),
+            "kwargs": sep_kwargs, "lr_steps": list(args.lr_steps),
             "data": str(args.data), "command": "python -m training.train " + " ".join(
                 sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
             "world_size": world, "excluded_classes": excluded,
