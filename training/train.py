@@ -306,23 +306,28 @@ def set_lr(opts: list, base_lrs: list[list[float]], progress: float,
 
 def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
                device: torch.device, contrastive_weight: float = 0.0,
-               temperature: float = 0.1, stats: dict[str, float] | None = None
-               ) -> torch.Tensor:
+               temperature: float = 0.1, stats: dict[str, float] | None = None,
+               precision: str = "fp32") -> torch.Tensor:
     """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks
     (+ contrastive_weight * info_nce when the weight is > 0, iQuery only), step every
     optimizer. Returns the loss (detached from nothing: for logging only); `stats`, if
     given, receives the float terms "mask" and "contrastive" (0.0 when the weight is 0).
 
-    A weight of 0 runs exactly the plain step (no embeddings, no extra work)."""
+    A weight of 0 runs exactly the plain step (no embeddings, no extra work). precision
+    "bf16" runs the forward pass under bfloat16 autocast (weights, optimizer state and the
+    loss stay float32); "fp32" runs it all in float32."""
     t = to_tensors(sampler.sample(batch), n_rows, device)
-    if contrastive_weight > 0:
-        masks, visual_q, audio_q = forward_with_embeddings(model, t)
-        mask_term = mask_loss(masks, t["target"], t["weight"])
-        nce = info_nce(audio_q, visual_q, t["query_pad"], temperature)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if contrastive_weight > 0:
+            masks, visual_q, audio_q = forward_with_embeddings(model, t)
+        else:
+            masks, visual_q, audio_q = forward(model, t), None, None
+    mask_term = mask_loss(masks.float(), t["target"], t["weight"])
+    if visual_q is not None:
+        nce = info_nce(audio_q.float(), visual_q.float(), t["query_pad"], temperature)
         loss = mask_term + contrastive_weight * nce
     else:
-        loss = mask_term = mask_loss(forward(model, t), t["target"], t["weight"])
-        nce = None
+        loss, nce = mask_term, None
     if stats is not None:
         stats["mask"] = mask_term.item()
         stats["contrastive"] = 0.0 if nce is None else nce.item()
@@ -372,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ngf", type=int, default=None,
                     help="U-Net base width, replacing the preset's (cpu: 16, paper: 64): more "
                          "capacity, ~2x the step cost per doubling")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="fp32 (default) or bf16: the forward pass under bfloat16 autocast, "
+                         "~1.6x the steps per second on a CPU with AVX512-BF16 (weights and "
+                         "optimizer stay float32; validation runs in float32)")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -480,7 +489,7 @@ def train(args: argparse.Namespace) -> int:
             "world_size": world, "excluded_classes": excluded,
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
-            "motion_e2e": args.motion_e2e}
+            "motion_e2e": args.motion_e2e, "precision": args.precision}
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
     model.train()
@@ -497,7 +506,8 @@ def train(args: argparse.Namespace) -> int:
         terms: dict[str, float] = {}
         loss = train_step(model, opts, sampler, args.batch, n_rows, device,
                           contrastive_weight=args.contrastive_weight,
-                          temperature=args.contrastive_temperature, stats=terms)
+                          temperature=args.contrastive_temperature, stats=terms,
+                          precision=args.precision)
         info["step"] += 1
         bar.update(1)
         if writer is not None:

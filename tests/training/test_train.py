@@ -290,13 +290,32 @@ def test_zero_contrastive_weight_is_the_plain_step_bit_for_bit(one_thread):
         return losses, model.state_dict()
 
     ref = run(lambda m, o, s: _plain_step(m, o, s, 2))
-    for kw in ({}, {"contrastive_weight": 0.0}):
+    for kw in ({}, {"contrastive_weight": 0.0}, {"precision": "fp32"}):
         got = run(lambda m, o, s, kw=kw: train_step(m, o, s, 2, m.n_rows, CPU, **kw))
         assert got[0] == ref[0], kw
         for (k, a), b in zip(ref[1].items(), got[1].values(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs ({kw})")
     on = run(lambda m, o, s: train_step(m, o, s, 2, m.n_rows, CPU, contrastive_weight=1.0))
     assert on[0][0] != ref[0][0]  # the term is really added when the weight is > 0
+
+
+@pytest.mark.parametrize("name", ["iquery", "sop"])
+def test_bf16_step_tracks_the_fp32_step_and_keeps_float32_weights(name, one_thread):
+    def run(precision):
+        torch.manual_seed(0)
+        model = small_model(name)
+        opts = make_optimizers(model, 1e-3, 1e-3)
+        sampler = MixSampler(tone_clips(), 64, seed=5)
+        loss = train_step(model, opts, sampler, 2, model.n_rows, CPU, precision=precision)
+        return loss.item(), model
+
+    ref, _ = run("fp32")
+    got, model = run("bf16")
+    assert got != ref  # autocast really ran in bfloat16 ...
+    assert got == pytest.approx(ref, rel=0.05)  # ... on the same batch, to bf16 precision
+    for k, w in model.state_dict().items():
+        if w.is_floating_point():
+            assert w.dtype == torch.float32 and torch.isfinite(w).all(), k
 
 
 def test_contrastive_weight_is_refused_for_sound_of_pixels(tmp_path, capsys, one_thread):

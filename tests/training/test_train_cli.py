@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.io import wavfile
 
 from models.checkpoint import load_checkpoint
@@ -114,14 +115,17 @@ def test_cli_motion_e2e_refuses_a_checkpoint_that_is_not_a_motion_encoder(fake_d
     assert code == 2 and "got a ObjectEncoder" in capsys.readouterr().err
 
 
-def test_cli_n_rows_and_ngf_override_the_preset(fake_data, tmp_path):
+def test_cli_n_rows_ngf_and_precision_override_the_preset(fake_data, tmp_path):
     out = tmp_path / "rows"
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
                  "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
-                 "--threads", "1", "--n-rows", "64", "--ngf", "8"]) == 0
+                 "--threads", "1", "--n-rows", "64", "--ngf", "8", "--precision", "bf16"]) == 0
     model, meta = load_checkpoint(out / "best")
     assert model.n_rows == 64 and meta["kwargs"]["n_rows"] == 64
     assert model.kwargs["ngf"] == meta["kwargs"]["ngf"] == 8
+    assert meta["precision"] == "bf16"
+    assert all(w.dtype == torch.float32 for w in model.state_dict().values()
+               if w.is_floating_point())  # the checkpoint is float32 whatever the precision
 
 
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
