@@ -7,6 +7,7 @@ Every figure is the median over repeated rounds with its min-max spread. Rounds 
 configurations so that load from other processes hits them alike: compare ratios within a run.
 
     .venv/bin/python scripts/bench_model.py [--threads 2] [--rounds 5] [--sweep] [--onnx] [--cuda]
+        [--only "training step"]
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def clip_fn(model: IQuery, device: torch.device = CPU) -> Callable[[], object]:
     return run
 
 
-def train_fn(model: IQuery, device: torch.device = CPU) -> Callable[[], object]:
-    """One Mix-and-Separate step: batch 8, 2 sources, weighted L1 on ratio masks, AdamW."""
+def train_fn(model: IQuery, device: torch.device = CPU, precision: str = "fp32"
+             ) -> Callable[[], object]:
+    """One Mix-and-Separate step: batch 8, 2 sources, weighted L1 on ratio masks, AdamW;
+    precision "bf16" runs the forward pass under bfloat16 autocast (train.py --precision)."""
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(BATCH, 1, model.n_rows, model.n_frames, device=device)
@@ -94,8 +97,9 @@ def train_fn(model: IQuery, device: torch.device = CPU) -> Callable[[], object]:
     weight = x.clone()
 
     def run() -> None:
-        masks = model(x, **vis)
-        loss = ((masks - target).abs() * weight).mean()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            masks = model(x, **vis)
+        loss = ((masks.float() - target).abs() * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,6 +196,9 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="also time onnxruntime per step")
     parser.add_argument("--cuda", action="store_true",
                         help="also time the model steps on the GPU (error if torch sees none)")
+    parser.add_argument("--only", default="",
+                        help="time only the jobs whose name contains this text, e.g. "
+                             "'training step'")
     parser.add_argument("--load", type=int, default=0,
                         help="start this many busy background processes (simulated contention)")
     args = parser.parse_args()
@@ -233,6 +240,10 @@ def bench(args: argparse.Namespace) -> None:
             (StreamStep(cpu), 20),
         f"cpu: training step (batch {BATCH}, fwd+bwd+AdamW)": (train_fn(build_model("cpu")), 3),
         "paper: training step (batch 8, fwd+bwd+AdamW)": (train_fn(build_model("paper")), 1),
+        # The shipped separator's grid, in float32 and under bf16 autocast (train.py --precision)
+        "cpu, 256 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=256)), 3),
+        "cpu, 256 rows: training step, bf16 autocast":
+            (train_fn(build_model("cpu", n_rows=256), precision="bf16"), 3),
         "ObjectEncoder: 1 crop 224x224": (encoder_fn(ObjectEncoder(), 224), 3),
         "ObjectEncoder: 1 crop 112x112": (encoder_fn(ObjectEncoder(), 112), 5),
         "MotionEncoder: 1 tube 16x112x112": (tube_fn(MotionEncoder()), 3),
@@ -252,6 +263,9 @@ def bench(args: argparse.Namespace) -> None:
             "GPU cpu: training step (batch 8)": (train_fn(build_model("cpu"), gpu), 5),
             "GPU paper: training step (batch 8)": (train_fn(build_model("paper"), gpu), 5),
         }
+    jobs = {name: job for name, job in jobs.items() if args.only in name}
+    if not jobs:
+        raise SystemExit(f"error: no job name contains {args.only!r}")
     for name, ms in run_rounds(jobs, args.rounds).items():
         print(f"{name:70s} {fmt(ms)}")
 

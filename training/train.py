@@ -377,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ngf", type=int, default=None,
                     help="U-Net base width, replacing the preset's (cpu: 16, paper: 64): more "
                          "capacity, ~2x the step cost per doubling")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                    help="fp32 (default) or bf16: the forward pass under bfloat16 autocast, "
-                         "~1.6x the steps per second on a CPU with AVX512-BF16 (weights and "
-                         "optimizer stay float32; validation runs in float32)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="bf16: the forward pass under bfloat16 autocast, ~1.5x the steps per "
+                         "second on a CPU with AVX512-BF16 or AMX (weights, optimizer and "
+                         "loss stay float32; validation runs in float32); fp32: all float32; "
+                         "auto (default): bf16 where the device runs it natively, else fp32")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -428,6 +429,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def pick_precision(name: str, device: torch.device) -> str:
+    """--precision -> "fp32" or "bf16". "auto": bf16 where the hardware computes in it (a GPU
+    that supports it; a CPU with AVX512-BF16 or AMX), because elsewhere bfloat16 is emulated
+    and slower than float32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native = any(getattr(torch.cpu, f, lambda: False)()
+                 for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if native else "fp32"
+
+
 def train(args: argparse.Namespace) -> int:
     """The training loop behind the command line."""
     from torch.utils.tensorboard import SummaryWriter
@@ -436,6 +450,7 @@ def train(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(args.device)
+    args.precision = pick_precision(args.precision, device)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.threads:

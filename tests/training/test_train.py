@@ -23,6 +23,7 @@ from training.train import (
     make_model,
     make_optimizers,
     mask_loss,
+    pick_precision,
     save_state,
     set_lr,
     to_tensors,
@@ -316,6 +317,16 @@ def test_bf16_step_tracks_the_fp32_step_and_keeps_float32_weights(name, one_thre
     for k, w in model.state_dict().items():
         if w.is_floating_point():
             assert w.dtype == torch.float32 and torch.isfinite(w).all(), k
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, "bf16"), (False, True, "bf16"),
+                                                       (False, False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, avx512_bf16, amx,
+                                                                  expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert pick_precision("auto", CPU) == expected
+    assert pick_precision("fp32", CPU) == "fp32" and pick_precision("bf16", CPU) == "bf16"
 
 
 def test_contrastive_weight_is_refused_for_sound_of_pixels(tmp_path, capsys, one_thread):
