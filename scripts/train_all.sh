@@ -4,7 +4,8 @@
 # checkpoint. Usage: scripts/train_all.sh [DATA=data/synth] [MINUTES=55]   (run it under nohup;
 # ~2.3 h on a 2-core CPU). The separators train on the 256-row grid (--n-rows 256), one core
 # each: Sound-of-Pixels and iQuery side by side (the settings of the shipped separator,
-# docs/RESULTS.md sections 11-12), then iQuery without motion on the same budget. Each step is
+# docs/RESULTS.md sections 11-13; train.py's --precision auto trains under bf16 autocast on a
+# CPU with AVX512-BF16 or AMX), then iQuery without motion on the same budget. Each step is
 # skipped when its output already exists, so a rerun resumes.
 set -euo pipefail
 DATA=${1:-data/synth}

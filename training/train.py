@@ -9,7 +9,9 @@ mixture magnitude; AdamW for the transformer, Adam for the audio network; a step
 scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels' published two drops);
 validation SDR on a fixed set of val mixtures, best kept by val only. <out>/last/ is a resumable
 state (model, optimizers, RNGs: safetensors + JSON, no pickle), <out>/best.* the best model.
-torchrun runs it data-parallel (gloo on CPU).
+torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
+pass under bfloat16 autocast where the CPU or GPU computes in bf16 (1.3-1.4x the steps in the
+same minutes here: docs/RESULTS.md section 13), float32 elsewhere.
 --contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
 to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 --motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
