@@ -6,7 +6,9 @@
 # each: Sound-of-Pixels and iQuery side by side (the settings of the shipped separator,
 # docs/RESULTS.md sections 11-13; train.py's --precision auto trains under bf16 autocast on a
 # CPU with AVX512-BF16 or AMX), then iQuery without motion on the same budget. Each step is
-# skipped when its output already exists, so a rerun resumes.
+# skipped when its output already exists, so a rerun resumes. All three train on K=2 mixtures,
+# like for like; the shipped separator is iQuery trained on K=3 mixtures (--n-mix 3, chosen on
+# val pairs: docs/RESULTS.md section 13), which this script does not train.
 set -euo pipefail
 DATA=${1:-data/synth}
 MINUTES=${2:-55}
