@@ -433,8 +433,8 @@ def pick_device(name: str) -> torch.device:
 
 def pick_precision(name: str, device: torch.device) -> str:
     """--precision -> "fp32" or "bf16". "auto": bf16 where the hardware computes in it (a GPU
-    that supports it; a CPU with AVX512-BF16 or AMX), because elsewhere bfloat16 is emulated
-    and slower than float32."""
+    that supports it; a CPU with AVX512-BF16 or AMX). Elsewhere bfloat16 is converted rather
+    than computed in, so the speed-up measured here (docs/MODELS.md) is not expected."""
     if name != "auto":
         return name
     if device.type == "cuda":
