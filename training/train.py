@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget")
     ap.add_argument("--steps", type=int, default=None, help="step budget (first reached ends)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n-mix", type=int, default=2, help="K solo clips per mixture (2 or 3)")
+    ap.add_argument("--n-mix", type=int, default=2,
+                    help="K solo clips of different classes per mixture (the paper trains on "
+                    "2; the shipped cpu model on 3)")
     ap.add_argument("--lr-transformer", type=float, default=1e-4)
     ap.add_argument("--lr-audio", type=float, default=1e-3)
     ap.add_argument("--lr-steps", default=",".join(str(f) for f in LR_STEPS),
@@ -396,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--motion-e2e and --contrastive-weight are not supported together")
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    if args.n_mix < 2:
+        ap.error(f"--n-mix must be >= 2 (a mixture of one clip has nothing to separate), "
+                 f"got {args.n_mix}")
     try:
         args.lr_steps = tuple(float(f) for f in args.lr_steps.split(",") if f.strip())
     except ValueError:

@@ -340,6 +340,15 @@ def test_contrastive_weight_is_refused_for_sound_of_pixels(tmp_path, capsys, one
                    contrastive_weight=0.1)
 
 
+@pytest.mark.parametrize("k", ["1", "0"])
+def test_cli_refuses_fewer_than_two_clips_per_mixture(tmp_path, capsys, k):
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",
+              "--n-mix", k])
+    assert e.value.code == 2
+    assert "--n-mix must be >= 2" in capsys.readouterr().err
+
+
 def test_ckpt_spec_splits_at_the_last_equals_sign_and_needs_the_checkpoint(tmp_path):
     from training.evaluate import parse_ckpt
 
