@@ -1,8 +1,9 @@
 """Figures for docs/RESULTS.md: a spectrogram / mask panel of one test pair (mixture, each
-source, the ideal ratio mask and a trained separator's mask per query), and a t-SNE of learned
-query embeddings (class rows, spare rows, audio-prompt rows), one panel per checkpoint.
+source, the ideal ratio mask, a trained separator's mask per query and the separated
+spectrogram it gives), and a t-SNE of learned query embeddings (class rows, spare rows,
+audio-prompt rows), one panel per checkpoint.
 
-    python -m training.figures --data data/synth --ckpt runs/iquery/best --out docs/figures
+    python -m training.figures --data data/synth --ckpt runs/iquery/best --pair 5 --pair 40
     python -m training.figures --tsne runs/iquery/best --tsne runs/prompts/ft_prompt_violin/best
 """
 
@@ -41,12 +42,15 @@ def mask_panel(ckpt: Path, data: Path, out: Path, pair_index: int = 0) -> Path:
     src = warp(stft(torch.from_numpy(item["refs"]).float()).abs()[None], rows)[0].numpy()
     mix = warp(spec.abs()[None, None], rows)[0, 0].numpy()
     ideal = src / np.maximum(src.sum(0, keepdims=True), 1e-8)
-    fig, ax = plt.subplots(3, 3, figsize=(12, 8), constrained_layout=True)
+    fig, ax = plt.subplots(4, 3, figsize=(12, 10.5), constrained_layout=True)
     show = {(0, 0): (np.log1p(mix), "mixture |S| (log)"),
             (0, 1): (np.log1p(src[0]), f"{item['classes'][0]} |S| (log)"),
             (0, 2): (np.log1p(src[1]), f"{item['classes'][1]} |S| (log)"),
             (1, 1): (ideal[0], "ideal ratio mask"), (1, 2): (ideal[1], "ideal ratio mask"),
-            (2, 1): (masks[0], "iQuery mask"), (2, 2): (masks[1], "iQuery mask")}
+            (2, 1): (masks[0], "iQuery mask"), (2, 2): (masks[1], "iQuery mask"),
+            # What the listener gets: the mask applied to the mixture (mixture phase).
+            (3, 1): (np.log1p(masks[0] * mix), "separated |S| (log)"),
+            (3, 2): (np.log1p(masks[1] * mix), "separated |S| (log)")}
     for (r, c), axis in np.ndenumerate(ax):
         if (r, c) not in show:
             axis.axis("off")
@@ -123,14 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tsne", type=Path, action="append", default=[],
                     help="checkpoint stem for the query t-SNE panel (repeatable)")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
-    ap.add_argument("--pair", type=int, default=0)
+    ap.add_argument("--pair", type=int, action="append", default=None,
+                    help="test pair index for the mask panel (repeatable; default 0)")
     args = ap.parse_args(argv)
     if args.tsne:
         print(query_tsne(args.tsne, args.out))
     if args.ckpt is not None:
         if args.data is None:
             ap.error("the mask panel (--ckpt) needs --data")
-        print(mask_panel(args.ckpt, args.data, args.out, args.pair))
+        for pair in args.pair or [0]:
+            print(mask_panel(args.ckpt, args.data, args.out, pair))
     elif not args.tsne:
         ap.error("give --ckpt (mask panel) and/or --tsne (query t-SNE)")
     return 0
