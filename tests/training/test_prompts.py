@@ -4,12 +4,14 @@ moves the network; the held-out sampler always includes a prompt id; the derange
 every id."""
 
 import numpy as np
+import pytest
 import torch
 
 from training.mixdata import SoloClip
 from training.prompts import (
     HeldOutSampler,
     derangement,
+    main,
     make_finetune_optimizers,
     prepare,
     remap,
@@ -73,3 +75,19 @@ def test_full_finetuning_moves_the_network():
 def test_derangement_moves_every_id():
     p = derangement(12, seed=0)
     assert sorted(p) == list(range(12)) and all(a != b for a, b in enumerate(p))
+
+
+def test_held_out_sampler_on_three_source_mixtures():
+    sampler = HeldOutSampler(clips(), 32, [3], n_mix=3, seed=0)
+    ids = sampler.sample(16)["class_ids"]
+    assert ids.shape == (16, 3)
+    for row in ids:  # three different classes, the held-out one among them, in any slot
+        assert len(set(row.tolist())) == 3 and 3 in row
+    assert {int(np.flatnonzero(row == 3)[0]) for row in ids} == {0, 1, 2}
+
+
+def test_finetune_cli_refuses_fewer_than_two_sources(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
+              "--classes", "violin", "--steps", "1", "--n-mix", "1", "--out", str(tmp_path)])
+    assert "--n-mix must be 2 or more" in capsys.readouterr().err
