@@ -51,10 +51,10 @@ class Query:
     motion: np.ndarray
 
 
-def window_starts(n_total: int, window: int) -> list[int]:
-    """Start frames of windows of `window` frames, hop window // 2, the last one flush with
-    the end (n_total >= window)."""
-    hop = window // 2
+def window_starts(n_total: int, window: int, hop: int | None = None) -> list[int]:
+    """Start frames of windows of `window` frames, hop window // 2 unless given, the last one
+    flush with the end (n_total >= window)."""
+    hop = hop or window // 2
     starts = list(range(0, n_total - window + 1, hop))
     if starts[-1] != n_total - window:
         starts.append(n_total - window)
@@ -70,15 +70,16 @@ def triangle(window: int) -> Tensor:
 
 @torch.no_grad()
 def separate_masks(model: nn.Module, spec: Tensor, queries: list[Query], fps: float = FPS,
-                   batch: int = 8) -> Tensor:
-    """spec complex (N_BINS, T) of the whole mixture -> warped masks (Q, n_rows, T)."""
+                   batch: int = 8, hop: int | None = None) -> Tensor:
+    """spec complex (N_BINS, T) of the whole mixture -> warped masks (Q, n_rows, T); windows
+    every `hop` frames (default half a window)."""
     n_rows, window = model.n_rows, model.n_frames
     device = next(model.parameters()).device
     t_total = spec.shape[-1]
     padded = spec
     if t_total < window:  # a clip shorter than one window: pad with silence, cut after
         padded = torch.nn.functional.pad(spec, (0, window - t_total))
-    starts = window_starts(padded.shape[-1], window)
+    starts = window_starts(padded.shape[-1], window, hop)
     q = len(queries)
     obj = torch.from_numpy(np.stack([x.obj for x in queries])).float()
     cls = torch.tensor([x.class_id for x in queries])

@@ -138,6 +138,7 @@ class _Ones(nn.Module):
 def test_sliding_window_separation_is_identity_for_unit_masks():
     assert window_starts(40, 16) == [0, 8, 16, 24]
     assert window_starts(41, 16) == [0, 8, 16, 24, 25]
+    assert window_starts(41, 16, hop=4) == [0, 4, 8, 12, 16, 20, 24, 25]
     wave = np.random.default_rng(0).standard_normal(12345).astype(np.float32) * 0.1
     q = Query(np.zeros(4, np.float32), 0, np.zeros((12, 3), np.float16))
     est = separate_wave(_Ones(), wave, [q, q])
