@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "finetune" and args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
     if args.cmd == "finetune" and args.n_mix < 2:
-        ap.error(f"--n-mix must be 2 or more (one held-out class and the others), got "
+        ap.error(f"--n-mix must be >= 2 (one held-out class and the others), got "
                  f"{args.n_mix}")
     try:
         return {"finetune": finetune, "evaluate": evaluate_cmd,

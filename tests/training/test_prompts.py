@@ -90,4 +90,4 @@ def test_finetune_cli_refuses_fewer_than_two_sources(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
               "--classes", "violin", "--steps", "1", "--n-mix", "1", "--out", str(tmp_path)])
-    assert "--n-mix must be 2 or more" in capsys.readouterr().err
+    assert "--n-mix must be >= 2" in capsys.readouterr().err
