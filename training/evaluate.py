@@ -41,16 +41,34 @@ def spread(seq: list, n: int | None) -> list:
     return [seq[int(i)] for i in np.linspace(0, len(seq) - 1, n).round()]
 
 
-def parse_ckpt(spec: str) -> tuple[str, Path]:
-    """--ckpt LABEL=PATH -> (label, checkpoint stem). Split at the last '=', so that a label
-    may hold one ("trained on K=3"); the checkpoint's .json must exist."""
-    label, _, path = spec.rpartition("=")
-    if not label or not path:
-        raise ValueError(f"--ckpt {spec!r}: expected LABEL=PATH")
-    stem = checkpoint_stem(path)
-    if not stem.with_suffix(".json").is_file():
-        raise ValueError(f"--ckpt {spec!r}: no checkpoint {stem}.json")
-    return label, stem
+def parse_ckpt(spec: str) -> tuple[str, list[Path]]:
+    """--ckpt LABEL=PATH[+PATH...] -> (label, checkpoint stems). Split at the last '=', so that
+    a label may hold one ("trained on K=3"); every checkpoint's .json must exist. Several
+    paths make one row of their averaged masks (MaskEnsemble)."""
+    label, _, paths = spec.rpartition("=")
+    if not label or not paths or "" in paths.split("+"):
+        raise ValueError(f"--ckpt {spec!r}: expected LABEL=PATH or LABEL=PATH+PATH")
+    stems = [checkpoint_stem(p) for p in paths.split("+")]
+    for stem in stems:
+        if not stem.with_suffix(".json").is_file():
+            raise ValueError(f"--ckpt {spec!r}: no checkpoint {stem}.json")
+    return label, stems
+
+
+class MaskEnsemble(torch.nn.Module):
+    """Several separators of one grid and window as one: the mean of their masks (mean of
+    estimates, since the masks are applied linearly to the same mixture spectrogram)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        shapes = {(m.n_rows, m.n_frames) for m in members}
+        if len(shapes) != 1:
+            raise ValueError(f"ensemble members differ in (rows, frames): {sorted(shapes)}")
+        self.members = torch.nn.ModuleList(members)
+        self.n_rows, self.n_frames = shapes.pop()
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(*args).float() for m in self.members]).mean(0)
 
 
 PAIRS_PER_CLASS = 10
@@ -210,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--ckpt", action="append", default=[],
-                    help="LABEL=PATH of a checkpoint stem (repeatable)")
+                    help="LABEL=PATH of a checkpoint stem (repeatable); LABEL=PATH+PATH scores "
+                         "the mean of several separators' masks (a seed ensemble)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seconds", type=float, default=6.0, help="evaluate the first S seconds")
     ap.add_argument("--max-pairs", type=int, default=None)
@@ -256,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((labels[b], base[b]))
     for spec in args.ckpt:
         try:
-            label, path = parse_ckpt(spec)
+            label, stems = parse_ckpt(spec)
+            members = [load_checkpoint(stem)[0] for stem in stems]
+            model = members[0] if len(members) == 1 else MaskEnsemble(members).eval()
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        model, _ = load_checkpoint(path)
         namings = (("det", "detector-named"), ("gt", "GT-named"))
         for naming, desc in namings[args.pairs_from != "test":]:  # no detector outside test
             jobs.append((f"{label} ({desc})",

@@ -216,8 +216,10 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"held_out": held, "n_pairs": len(items), "rows": {},
                                "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
     for spec in args.ckpt:
-        label, path = parse_ckpt(spec)
-        model, meta = load_checkpoint(path)
+        label, stems = parse_ckpt(spec)
+        if len(stems) != 1:  # the prompt map is per checkpoint
+            raise SystemExit(f"error: --ckpt {spec!r}: one checkpoint per row here")
+        model, meta = load_checkpoint(stems[0])
         model.eval()
         t0 = time.time()
         row = evaluate_heldout(model, items, names, _prompt_map(meta, names), held)

@@ -347,11 +347,31 @@ def test_ckpt_spec_splits_at_the_last_equals_sign_and_needs_the_checkpoint(tmp_p
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.json").write_text("{}")
     assert parse_ckpt(f"trained on K=3={tmp_path}/run/best") == ("trained on K=3",
-                                                                 tmp_path / "run" / "best")
-    assert parse_ckpt(f"x={tmp_path}/run/best.json")[1] == tmp_path / "run" / "best"
-    for bad in ("no-equals", f"={tmp_path}/run/best", "x=", f"x={tmp_path}/missing"):
+                                                                 [tmp_path / "run" / "best"])
+    assert parse_ckpt(f"x={tmp_path}/run/best.json")[1] == [tmp_path / "run" / "best"]
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "best.json").write_text("{}")
+    assert parse_ckpt(f"two={tmp_path}/run/best+{tmp_path}/run2/best")[1] == [
+        tmp_path / "run" / "best", tmp_path / "run2" / "best"]
+    for bad in ("no-equals", f"={tmp_path}/run/best", "x=", f"x={tmp_path}/missing",
+                f"x={tmp_path}/run/best+", f"x={tmp_path}/run/best+{tmp_path}/missing"):
         with pytest.raises(ValueError, match="--ckpt"):
             parse_ckpt(bad)
+
+
+def test_mask_ensemble_is_the_mean_of_its_members_and_needs_one_grid(one_thread):
+    from training.evaluate import MaskEnsemble
+
+    torch.manual_seed(0)
+    a, b = small_model().eval(), small_model().eval()
+    t = to_tensors(MixSampler(tone_clips(), 64, seed=3).sample(2), a.n_rows, CPU)
+    args = (t["x"], t["obj"], t["class_ids"], t["motion"], t["motion_pad"],
+            t["query_pad"])
+    with torch.no_grad():
+        torch.testing.assert_close(MaskEnsemble([a, b])(*args), (a(*args) + b(*args)) / 2)
+    other = make_model("iquery", "cpu", **(SMALL | {"n_rows": 2 * a.n_rows}))
+    with pytest.raises(ValueError, match="rows, frames"):
+        MaskEnsemble([a, other])
 
 
 def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
