@@ -8,8 +8,11 @@ Variants, on the unwarped masks m_k of the K sources of a pair (mixture phase th
   as predicted   m_k (what training.evaluate scores)
   capped         m_k / max(1, sum_j m_j): the estimates never sum above the mixture
   normalised     m_k / sum_j m_j: the estimates always sum to the mixture
-  power p        m_k^p / sum_j m_j^p (p = 2), a Wiener-like sharpening, and the same scaled by
-                 min(1, sum_j m_j) ("power p, capped")
+  power p        m_k^p / sum_j m_j^p: p = 2 a Wiener-like sharpening (more suppression), p = 0.5
+                 and 0.75 a softening (less suppression: the separator's SIR is above the
+                 IRM's and its SAR far below, so it removes too much), and the same scaled
+                 by min(1, sum_j m_j) ("power p, capped")
+  raised p       m_k^p alone (p < 1): every mask moved towards 1, the sum left free
 and each with the sliding windows every half window (training.separate's default) or every
 quarter window (twice the forward passes, each frame averaged over four windows).
 Model selection belongs to val pairs (the default); --pairs-from test only to report.
@@ -37,14 +40,20 @@ from training.metrics import bss_eval  # noqa: E402
 from training.separate import separate_masks  # noqa: E402
 
 
-def variants(m: torch.Tensor, p: float = 2.0) -> dict[str, torch.Tensor]:
+def variants(m: torch.Tensor, powers: tuple[float, ...] = (0.5, 0.75, 2.0)
+             ) -> dict[str, torch.Tensor]:
     """m (K, N_BINS, T) masks in [0, 1] -> the post-processed masks by name."""
     total = m.sum(0, keepdim=True)
-    mp = m ** p
-    sharp = mp / mp.sum(0, keepdim=True).clamp_min(1e-6)
-    return {"as predicted": m, "capped": m / total.clamp_min(1.0),
-            "normalised": m / total.clamp_min(1e-6), f"power {p:g}": sharp,
-            f"power {p:g}, capped": sharp * total.clamp(max=1.0)}
+    out = {"as predicted": m, "capped": m / total.clamp_min(1.0),
+           "normalised": m / total.clamp_min(1e-6)}
+    for p in powers:
+        mp = m ** p
+        shaped = mp / mp.sum(0, keepdim=True).clamp_min(1e-6)
+        out[f"power {p:g}"] = shaped
+        out[f"power {p:g}, capped"] = shaped * total.clamp(max=1.0)
+        if p < 1:
+            out[f"raised {p:g}"] = mp
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--max-pairs", type=int, default=None, help="evenly spaced subset")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--hops", default="half,quarter",
+                    help="comma-separated window hops to score: half, quarter")
     ap.add_argument("--json", type=Path, default=None, help="write the table here too")
     args = ap.parse_args(argv)
     if args.threads:
@@ -64,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --ckpt {args.ckpt}: {e}") from None
     model.eval()
+    hops = [h for h in args.hops.split(",") if h]
+    if not hops or set(hops) - {"half", "quarter"}:
+        raise SystemExit(f"error: --hops {args.hops!r}: choose from half, quarter")
     names = [i.name for i in load_vocabulary()]
     pairs, _ = load_items(args.data, args.seconds, args.max_pairs, 0,
                            pairs_from=args.pairs_from)
@@ -73,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         queries = [query_from(s, names, c) for s, c in zip(it["gt"], it["classes"], strict=True)]
         x = torch.from_numpy(it["mix"].astype(np.float32))
         spec = stft(x)
-        for hop_name, hop in (("half", model.n_frames // 2), ("quarter", model.n_frames // 4)):
+        for hop_name in hops:
+            hop = model.n_frames // {"half": 2, "quarter": 4}[hop_name]
             m = unwarp(separate_masks(model, spec, queries, hop=hop)[None])[0].clamp(0, 1)
             for name, mm in variants(m).items():
                 est = istft(mm * spec[None], x.shape[-1]).numpy()

@@ -1,0 +1,33 @@
+"""scripts/mask_postprocessing.py's variants keep their promises on random masks."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mask_postprocessing.py"
+
+
+def load_variants():
+    spec = importlib.util.spec_from_file_location("mask_postprocessing", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.variants
+
+
+def test_variants_normalise_cap_soften_and_sharpen():
+    torch.manual_seed(0)
+    m = torch.rand(3, 40, 20) * 0.9 + 0.05
+    v = load_variants()(m)
+    total = m.sum(0)
+    assert torch.equal(v["as predicted"], m)
+    torch.testing.assert_close(v["normalised"].sum(0), torch.ones_like(total))
+    assert (v["capped"].sum(0) <= 1 + 1e-5).all()
+    assert (v["raised 0.5"] >= m).all() and (v["raised 0.75"] <= v["raised 0.5"]).all()
+    for p in ("0.5", "0.75", "2"):
+        torch.testing.assert_close(v[f"power {p}"].sum(0), torch.ones_like(total))
+        torch.testing.assert_close(v[f"power {p}, capped"].sum(0), total.clamp(max=1))
+    # Softening pulls the shares of the sources towards each other, sharpening apart.
+    share = m / total
+    spread = {p: (v[f"power {p}"] - 1 / 3).abs().mean() for p in ("0.5", "2")}
+    assert spread["0.5"] < (share - 1 / 3).abs().mean() < spread["2"]
