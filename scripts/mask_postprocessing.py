@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [i.name for i in load_vocabulary()]
     pairs, _ = load_items(args.data, args.seconds, args.max_pairs, 0,
                            pairs_from=args.pairs_from)
-    sdr: dict[str, list[float]] = {}
+    scores: dict[str, dict[str, list[float]]] = {}  # variant -> sdr/sir/sar -> per source
     t0 = time.time()
     for it in tqdm(pairs, desc="pairs"):
         queries = [query_from(s, names, c) for s, c in zip(it["gt"], it["classes"], strict=True)]
@@ -92,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             m = unwarp(separate_masks(model, spec, queries, hop=hop)[None])[0].clamp(0, 1)
             for name, mm in variants(m).items():
                 est = istft(mm * spec[None], x.shape[-1]).numpy()
-                sdr.setdefault(f"{name}, hop {hop_name} window", []).extend(
-                    bss_eval(it["refs"], est)["sdr"].tolist())
-    table = {k: float(np.mean(v)) for k, v in sdr.items()}
+                row = scores.setdefault(f"{name}, hop {hop_name} window", {})
+                for metric, vals in bss_eval(it["refs"], est).items():
+                    row.setdefault(metric, []).extend(vals.tolist())
+    table = {k: {m: float(np.mean(v)) for m, v in row.items()} for k, row in scores.items()}
     print(f"\n{len(pairs)} {args.pairs_from} pairs, GT-named, {args.ckpt} "
-          f"({time.time() - t0:.0f} s)\n\n| variant | SDR |\n|---|---:|")
+          f"({time.time() - t0:.0f} s)\n\n| variant | SDR | SIR | SAR |\n|---|---:|---:|---:|")
     for k, v in table.items():
-        print(f"| {k} | {v:.2f} |")
+        print(f"| {k} | {v['sdr']:.2f} | {v['sir']:.2f} | {v['sar']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "n_pairs": len(pairs),
-                                         "sdr": table}, indent=1) + "\n")
+                                         "scores": table}, indent=1) + "\n")
     return 0
 
 
