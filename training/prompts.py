@@ -38,6 +38,8 @@ from training.metrics import bss_eval
 from training.mixdata import MixSampler, SoloClip, load_solo
 from training.separate import separate_wave
 from training.train import (
+    NonFiniteStep,
+    PrecisionGuard,
     make_optimizers,
     pick_precision,
     set_lr,
@@ -150,11 +152,18 @@ def finetune(args: argparse.Namespace) -> int:
     history.append({"step": 0, "elapsed": 0.0} | v)
     print(f"step 0 val sdr {v['sdr']:.2f}", flush=True)
     model.train()
+    guard = PrecisionGuard(precision)
     t0 = time.time()
     while step < max_steps and time.time() - t0 < budget:
         set_lr(opts, base, max(step / max_steps, (time.time() - t0) / budget))
-        loss = train_step(model, opts, sampler, args.batch, model.n_rows, device,
-                          precision=precision)
+        try:
+            loss = train_step(model, opts, sampler, args.batch, model.n_rows, device,
+                              precision=guard.precision)
+            guard.passed()
+        except NonFiniteStep:
+            print(guard.failed(step), flush=True)
+            meta |= guard.state()
+            continue
         step += 1
         last = step >= max_steps or time.time() - t0 >= budget
         if step % args.val_every == 0 or last:

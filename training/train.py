@@ -11,7 +11,9 @@ validation SDR on a fixed set of val mixtures, best kept by val only. <out>/last
 state (model, optimizers, RNGs: safetensors + JSON, no pickle), <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
 pass under bfloat16 autocast where the CPU or GPU computes in bf16 (1.3-1.4x the steps in the
-same minutes here: docs/RESULTS.md section 13), float32 elsewhere.
+same minutes here: docs/RESULTS.md section 13), float32 elsewhere; a step with non-finite
+gradients is skipped, and under bf16 it switches the run to float32 (some CPUs' AMX bf16
+kernels return NaN: section 16), logged and recorded in summary.json.
 --contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
 to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 --motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
@@ -306,6 +308,48 @@ def set_lr(opts: list, base_lrs: list[list[float]], progress: float,
             g["lr"] = lr * lr_factor(progress, steps)
 
 
+class NonFiniteStep(RuntimeError):
+    """A training step whose loss or gradients were not finite: no parameter was updated."""
+
+
+class PrecisionGuard:
+    """Keeps a run alive through non-finite steps, and says so.
+
+    train_step skips a step whose loss or gradients are not finite (the parameters stay as
+    they were). Under bf16 autocast the first such step switches the run to float32 for good:
+    on some CPUs oneDNN's AMX bf16 kernels return NaN gradients (seen on a Xeon with AMX and
+    AVX512-FP16, for iQuery and Sound-of-Pixels alike within the first ~50 steps, where float32
+    trained cleanly: docs/RESULTS.md section 16), and before this guard such a run went on in
+    NaN for its whole budget. In float32, `patience` non-finite steps in a row mean the run
+    diverged: a one-line error."""
+
+    def __init__(self, precision: str, patience: int = 20) -> None:
+        self.precision, self.patience = precision, patience
+        self.skipped, self.in_a_row, self.fallback_step = 0, 0, None
+
+    def passed(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, step: int) -> str:
+        """Record a skipped step after `step` completed ones -> the line to print. Raises
+        ValueError after `patience` skipped steps in a row in float32."""
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.precision == "bf16":
+            self.precision, self.fallback_step, self.in_a_row = "fp32", step, 0
+            return (f"step {step}: non-finite gradients under bf16 autocast, step skipped; "
+                    f"the run goes on in float32 (--precision fp32 starts it so)")
+        if self.in_a_row >= self.patience:
+            raise ValueError(f"training diverged: {self.in_a_row} steps in a row with a "
+                             f"non-finite loss or gradients after step {step}; lower the "
+                             f"learning rates or resume from an earlier state")
+        return f"step {step}: non-finite loss or gradients, step skipped"
+
+    def state(self) -> dict[str, Any]:
+        return {"precision": self.precision, "skipped_steps": self.skipped,
+                "precision_fallback_step": self.fallback_step}
+
+
 def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
                device: torch.device, contrastive_weight: float = 0.0,
                temperature: float = 0.1, stats: dict[str, float] | None = None,
@@ -317,8 +361,11 @@ def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: i
 
     A weight of 0 runs exactly the plain step (no embeddings, no extra work). precision
     "bf16" runs the forward pass under bfloat16 autocast (weights, optimizer state and the
-    loss stay float32); "fp32" runs it all in float32."""
+    loss stay float32); "fp32" runs it all in float32. A non-finite loss or gradient raises
+    NonFiniteStep and leaves the model as it was: no optimizer step, BatchNorm statistics
+    restored (see PrecisionGuard)."""
     t = to_tensors(sampler.sample(batch), n_rows, device)
+    saved = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics, for a skip
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if contrastive_weight > 0:
             masks, visual_q, audio_q = forward_with_embeddings(model, t)
@@ -336,6 +383,15 @@ def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: i
     for o in opts:
         o.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for o in opts for g in o.param_groups for p in g["params"]
+             if p.grad is not None]
+    if not (torch.isfinite(loss) and torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, b0 in zip(model.buffers(), saved, strict=True):
+                b.copy_(b0)
+        raise NonFiniteStep(f"loss {loss.item()}: non-finite loss or gradients")
     for o in opts:
         o.step()
     return loss
@@ -386,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                          "and loss stay float32; validation runs in float32): on this CPU "
                          "with AVX512-BF16 a 1.6x faster step in scripts/bench_model.py, "
                          "1.3-1.4x the steps in a 55-minute run; fp32: all float32; auto "
-                         "(default): bf16 where the device runs it natively, else fp32")
+                         "(default): bf16 where the device runs it natively, else fp32. A "
+                         "bf16 run whose gradients turn non-finite goes on in fp32")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -513,6 +570,10 @@ def train(args: argparse.Namespace) -> int:
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
             "motion_e2e": args.motion_e2e, "precision": args.precision}
+    guard = PrecisionGuard(info.get("precision", args.precision))
+    guard.skipped = info.get("skipped_steps", 0)
+    guard.fallback_step = info.get("precision_fallback_step")
+    meta["precision"] = guard.precision
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
     model.train()
@@ -527,10 +588,19 @@ def train(args: argparse.Namespace) -> int:
             break
         set_lr(opts, base_lrs, max(info["step"] / max_steps, elapsed / budget_s), args.lr_steps)
         terms: dict[str, float] = {}
-        loss = train_step(model, opts, sampler, args.batch, n_rows, device,
-                          contrastive_weight=args.contrastive_weight,
-                          temperature=args.contrastive_temperature, stats=terms,
-                          precision=args.precision)
+        try:
+            loss = train_step(model, opts, sampler, args.batch, n_rows, device,
+                              contrastive_weight=args.contrastive_weight,
+                              temperature=args.contrastive_temperature, stats=terms,
+                              precision=guard.precision)
+            guard.passed()
+        except NonFiniteStep:
+            line = guard.failed(info["step"])  # every rank saw the same all-reduced gradients
+            info |= guard.state()
+            meta |= {"precision": guard.precision}
+            if rank == 0:
+                bar.write(line)
+            continue
         info["step"] += 1
         bar.update(1)
         if writer is not None:
@@ -561,8 +631,9 @@ def train(args: argparse.Namespace) -> int:
         info["elapsed"] = time.time() - t_start
         save_state(state_dir, model, opts, sampler, info)
         (args.out / "summary.json").write_text(json.dumps(
-            meta | {k: info[k] for k in ("step", "elapsed", "best_sdr", "best_step",
-                                          "history")}, indent=1) + "\n")
+            meta | guard.state() | {k: info[k] for k in ("step", "elapsed", "best_sdr",
+                                                         "best_step", "history")},
+            indent=1) + "\n")
         print(f"done: {info['step']} steps in {info['elapsed']:.0f} s, best val SDR "
               f"{info['best_sdr']:.2f} dB at step {info['best_step']}", flush=True)
         writer.close()

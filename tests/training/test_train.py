@@ -14,6 +14,8 @@ from training.evaluate import irm, irm_grid, score_row, to_markdown
 from training.mixdata import MixSampler, SoloClip
 from training.separate import Query, motion_len, motion_window, separate_wave, window_starts
 from training.train import (
+    NonFiniteStep,
+    PrecisionGuard,
     forward,
     forward_with_embeddings,
     info_nce,
@@ -318,6 +320,36 @@ def test_bf16_step_tracks_the_fp32_step_and_keeps_float32_weights(name, one_thre
     for k, w in model.state_dict().items():
         if w.is_floating_point():
             assert w.dtype == torch.float32 and torch.isfinite(w).all(), k
+
+
+def test_a_step_with_nan_gradients_updates_nothing(one_thread):
+    torch.manual_seed(0)
+    model = small_model("iquery")
+    opts = make_optimizers(model, 1e-3, 1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p = next(model.parameters())
+    p0 = p.detach().clone()
+    hook = p.register_hook(lambda g: g * float("nan"))  # what the broken bf16 kernels return
+    with pytest.raises(NonFiniteStep):
+        train_step(model, opts, MixSampler(tone_clips(), 64, seed=5), 2, model.n_rows, CPU)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not o.state for o in opts)  # no optimizer moment saw the NaN
+    hook.remove()
+    train_step(model, opts, MixSampler(tone_clips(), 64, seed=5), 2, model.n_rows, CPU)
+    assert not torch.equal(p.detach(), p0) and all(o.state for o in opts)  # a clean step steps
+
+
+def test_precision_guard_falls_back_to_fp32_once_then_stops_a_diverged_run():
+    g = PrecisionGuard("bf16", patience=3)
+    assert "float32" in g.failed(7) and g.precision == "fp32" and g.fallback_step == 7
+    g.failed(7)
+    g.passed()  # a good step resets the count of failures in a row
+    g.failed(8)
+    g.failed(8)
+    with pytest.raises(ValueError, match="diverged: 3 steps in a row"):
+        g.failed(8)
+    assert g.state() == {"precision": "fp32", "skipped_steps": 5, "precision_fallback_step": 7}
 
 
 @pytest.mark.parametrize("avx512_bf16,amx,expected", [(True, False, "bf16"), (False, True, "bf16"),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.io import wavfile
 
+import training.train as train_mod
 from models.checkpoint import load_checkpoint
 from training.train import main
 
@@ -56,6 +57,28 @@ def test_cli_trains_keeps_best_and_resumes(fake_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3
     assert [h["step"] for h in summary["history"]] == [2, 3]
+
+
+def test_cli_bf16_run_with_nan_gradients_goes_on_in_fp32_and_says_so(fake_data, tmp_path,
+                                                                     capsys, monkeypatch):
+    real = train_mod.train_step
+
+    def broken_bf16(*args, precision="fp32", **kw):  # as AMX bf16 kernels on some Xeons
+        if precision == "bf16":
+            raise train_mod.NonFiniteStep("nan")
+        return real(*args, precision=precision, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", broken_bf16)
+    out = tmp_path / "nan"
+    assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "3",
+                 "--val-every", "3", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--precision", "bf16"]) == 0
+    assert "non-finite gradients under bf16 autocast" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["skipped_steps"] == 1
+    assert summary["precision"] == "fp32" and summary["precision_fallback_step"] == 0
+    assert np.isfinite(summary["best_sdr"])
+    assert load_checkpoint(out / "best")[1]["precision"] == "fp32"
 
 
 def test_cli_contrastive_weight_is_logged_and_recorded(fake_data, tmp_path, capsys):
