@@ -323,9 +323,10 @@ class PrecisionGuard:
     NaN for its whole budget. In float32, `patience` non-finite steps in a row mean the run
     diverged: a one-line error."""
 
-    def __init__(self, precision: str, patience: int = 20) -> None:
+    def __init__(self, precision: str, patience: int = 20, skipped: int = 0,
+                 fallback_step: int | None = None) -> None:
         self.precision, self.patience = precision, patience
-        self.skipped, self.in_a_row, self.fallback_step = 0, 0, None
+        self.skipped, self.in_a_row, self.fallback_step = skipped, 0, fallback_step
 
     def passed(self) -> None:
         self.in_a_row = 0
@@ -570,9 +571,9 @@ def train(args: argparse.Namespace) -> int:
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
             "motion_e2e": args.motion_e2e, "precision": args.precision}
-    guard = PrecisionGuard(info.get("precision", args.precision))
-    guard.skipped = info.get("skipped_steps", 0)
-    guard.fallback_step = info.get("precision_fallback_step")
+    guard = PrecisionGuard(info.get("precision", args.precision),  # a resumed run keeps its own
+                           skipped=info.get("skipped_steps", 0),
+                           fallback_step=info.get("precision_fallback_step"))
     meta["precision"] = guard.precision
     bar = tqdm(total=None if args.steps is None else max_steps, initial=info["step"],
                disable=rank != 0 or args.no_progress, mininterval=5)
@@ -597,7 +598,7 @@ def train(args: argparse.Namespace) -> int:
         except NonFiniteStep:
             line = guard.failed(info["step"])  # every rank saw the same all-reduced gradients
             info |= guard.state()
-            meta |= {"precision": guard.precision}
+            meta["precision"] = guard.precision
             if rank == 0:
                 bar.write(line)
             continue

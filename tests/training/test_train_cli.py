@@ -79,6 +79,13 @@ def test_cli_bf16_run_with_nan_gradients_goes_on_in_fp32_and_says_so(fake_data, 
     assert summary["precision"] == "fp32" and summary["precision_fallback_step"] == 0
     assert np.isfinite(summary["best_sdr"])
     assert load_checkpoint(out / "best")[1]["precision"] == "fp32"
+    # A resumed run stays in float32: no second bf16 attempt, no second skip.
+    assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "5",
+                 "--val-every", "5", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--precision", "bf16"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 5 and summary["skipped_steps"] == 1
+    assert summary["precision"] == "fp32" and summary["precision_fallback_step"] == 0
 
 
 def test_cli_contrastive_weight_is_logged_and_recorded(fake_data, tmp_path, capsys):
