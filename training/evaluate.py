@@ -226,19 +226,22 @@ def to_markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
     ap.add_argument("--ckpt", action="append", default=[],
                     help="LABEL=PATH of a checkpoint stem (repeatable); LABEL=PATH+PATH scores "
                          "the mean of several separators' masks (a seed ensemble)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for results.json and results.md (rows cached by label)")
     ap.add_argument("--seconds", type=float, default=6.0, help="evaluate the first S seconds")
-    ap.add_argument("--max-pairs", type=int, default=None)
-    ap.add_argument("--max-ensembles", type=int, default=None)
+    ap.add_argument("--max-pairs", type=int, default=None,
+                    help="score the first N pairs only (default all)")
+    ap.add_argument("--max-ensembles", type=int, default=None,
+                    help="score the first N ensemble clips only (default all; 0: none)")
     ap.add_argument("--baselines", default="mixture,irm,irm_grid,nmf",
                     help="comma-separated from mixture, irm, irm_grid (the training target on "
                          "the cpu preset's 128-row grid), irm_grid256 (the same on the paper's "
                          "256 rows), nmf")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--pairs-from", default="test", choices=["test", "train", "val"],
                     help="test: the fixed test pairs (default); train / val: 10 pairs per class "
                          "of that split's clips (seed 0), GT-named rows only, to measure the "

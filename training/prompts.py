@@ -1,15 +1,17 @@
 """Audio prompts (paper Sec. 3.4, Table 4): extend a pre-trained iQuery to held-out classes by
 adding prompt queries and fine-tuning only them, against fine-tuning the whole network; plus the
-random query assignment ablation. Pre-train without the held-out classes first:
+random query assignment ablation. Pre-train without the held-out classes first (the shipped
+separator's recipe, docs/RESULTS.md section 15), then fine-tune and score:
 
-    python -m training.train --data data/synth --preset cpu --minutes 15 --threads 1 \
-        --lr-transformer 3e-4 --exclude-classes violin --out runs/prompts/pre_violin
-    python -m training.prompts finetune --data data/synth --init runs/prompts/pre_violin/best \
-        --classes violin --mode prompt --minutes 6 --out runs/prompts/ft_prompt_violin
+    python -m training.train --data data/synth --preset cpu --model iquery --n-mix 3 \
+        --n-rows 256 --minutes 55 --threads 1 --exclude-classes violin --out runs/pre_violin
+    python -m training.prompts finetune --data data/synth --init runs/pre_violin/best \
+        --classes violin --mode prompt --n-mix 3 --minutes 8 --out runs/ft_prompt_violin
     python -m training.prompts evaluate --data data/synth --classes violin \
-        --ckpt prompt=runs/prompts/ft_prompt_violin/best --out runs/prompts/eval_violin
-    python -m training.prompts random-queries --data data/synth --ckpt runs/iquery/best \
-        --out runs/prompts/random_queries
+        --ckpt prompt=runs/ft_prompt_violin/best --ckpt full=models/checkpoints/cpu/separator \
+        --out runs/eval_violin
+    python -m training.prompts random-queries --data data/synth \
+        --ckpt models/checkpoints/cpu/separator --out runs/random_queries
 
 Fine-tuning draws Mix-and-Separate examples that always hold one held-out class (the others
 random); a held-out class is named by its new prompt id, every other class keeps its id. Both
@@ -278,41 +280,56 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ft = sub.add_parser("finetune", help="add prompts to a pre-trained model and fine-tune")
-    ft.add_argument("--data", type=Path, required=True)
+    ft.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
     ft.add_argument("--init", type=Path, required=True, help="pre-trained checkpoint stem")
     ft.add_argument("--classes", required=True, help="held-out class names, comma-separated")
-    ft.add_argument("--mode", choices=MODES, default="prompt")
-    ft.add_argument("--out", type=Path, required=True)
-    ft.add_argument("--minutes", type=float, default=None)
-    ft.add_argument("--steps", type=int, default=None)
-    ft.add_argument("--batch", type=int, default=8)
+    ft.add_argument("--mode", choices=MODES, default="prompt",
+                    help="prompt: train only the new query rows; full: the whole network "
+                         "(default %(default)s)")
+    ft.add_argument("--out", type=Path, required=True,
+                    help="folder for best.safetensors/.json and summary.json")
+    ft.add_argument("--minutes", type=float, default=None,
+                    help="wall-time budget (give this and/or --steps)")
+    ft.add_argument("--steps", type=int, default=None, help="step budget")
+    ft.add_argument("--batch", type=int, default=8, help="mixtures per step (default %(default)s)")
     ft.add_argument("--n-mix", type=int, default=2,
                     help="K solo clips per mixture, one of a held-out class (default 2, as the "
                          "paper; 3 matches a separator pre-trained on K=3 like the shipped one)")
     ft.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="as training.train: bf16 autocast where the device runs it natively")
-    ft.add_argument("--lr-prompt", type=float, default=3e-3)
-    ft.add_argument("--lr-transformer", type=float, default=3e-4)
-    ft.add_argument("--lr-audio", type=float, default=1e-3)
-    ft.add_argument("--val-every", type=int, default=150)
-    ft.add_argument("--val-mixtures", type=int, default=32)
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--threads", type=int, default=0)
+                    help="as training.train: bf16 autocast where the device runs it natively "
+                         "(default auto)")
+    ft.add_argument("--lr-prompt", type=float, default=3e-3,
+                    help="Adam LR of the new rows (prompt mode) (default %(default)s)")
+    ft.add_argument("--lr-transformer", type=float, default=3e-4,
+                    help="AdamW LR of the transformer (full mode) (default %(default)s)")
+    ft.add_argument("--lr-audio", type=float, default=1e-3,
+                    help="Adam LR of the audio U-Net (full mode) (default %(default)s)")
+    ft.add_argument("--val-every", type=int, default=150,
+                    help="steps between validations (the best is kept) (default %(default)s)")
+    ft.add_argument("--val-mixtures", type=int, default=32,
+                    help="fixed val mixtures, each holding a held-out class (default %(default)s)")
+    ft.add_argument("--seed", type=int, default=0, help="seed of the training mixtures")
+    ft.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ev = sub.add_parser("evaluate", help="SDR on the test pairs holding held-out classes")
-    ev.add_argument("--data", type=Path, required=True)
-    ev.add_argument("--classes", required=True)
-    ev.add_argument("--ckpt", action="append", default=[], help="LABEL=PATH (repeatable)")
-    ev.add_argument("--out", type=Path, required=True)
-    ev.add_argument("--seconds", type=float, default=6.0)
-    ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
+    ev.add_argument("--classes", required=True, help="held-out class names, comma-separated")
+    ev.add_argument("--ckpt", action="append", default=[],
+                    help="LABEL=PATH, a checkpoint stem (repeatable; fine-tuned ones name the "
+                         "held-out classes by their prompts)")
+    ev.add_argument("--out", type=Path, required=True, help="folder for results.json")
+    ev.add_argument("--seconds", type=float, default=6.0,
+                    help="seconds of each test pair scored (default %(default)s)")
+    ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     rq = sub.add_parser("random-queries", help="random query assignment ablation")
-    rq.add_argument("--data", type=Path, required=True)
-    rq.add_argument("--ckpt", type=Path, required=True)
-    rq.add_argument("--out", type=Path, required=True)
-    rq.add_argument("--seconds", type=float, default=6.0)
-    rq.add_argument("--max-pairs", type=int, default=None)
-    rq.add_argument("--seed", type=int, default=0)
-    rq.add_argument("--threads", type=int, default=0)
+    rq.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
+    rq.add_argument("--ckpt", type=Path, required=True, help="checkpoint stem")
+    rq.add_argument("--out", type=Path, required=True, help="folder for results.json")
+    rq.add_argument("--seconds", type=float, default=6.0,
+                    help="seconds of each test pair scored (default %(default)s)")
+    rq.add_argument("--max-pairs", type=int, default=None, help="score the first N pairs only")
+    rq.add_argument("--seed", type=int, default=0,
+                    help="seed of the random assignment (default %(default)s)")
+    rq.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args(argv)
     if args.cmd == "finetune" and args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")

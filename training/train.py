@@ -400,30 +400,40 @@ def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: i
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--data", type=Path, required=True,
+                    help="SynthMUSIC (or MUSIC) root, with its feature cache (training.encoders)")
+    ap.add_argument("--preset", default="cpu",
+                    help="model size: cpu (default; 3 M parameters) or paper (46 M, a GPU's)")
     ap.add_argument("--model", default="iquery", choices=MODELS)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="run folder: best/last checkpoints, summary.json, tb/ (TensorBoard); "
+                         "an existing last/ is resumed")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget")
     ap.add_argument("--steps", type=int, default=None, help="step budget (first reached ends)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="mixtures per step (default 8)")
     ap.add_argument("--n-mix", type=int, default=2,
                     help="K solo clips of different classes per mixture (the paper trains on "
                     "2; the shipped cpu model on 3)")
-    ap.add_argument("--lr-transformer", type=float, default=1e-4)
-    ap.add_argument("--lr-audio", type=float, default=1e-3)
+    ap.add_argument("--lr-transformer", type=float, default=1e-4,
+                    help="AdamW LR of the transformer and visual layers (default 1e-4)")
+    ap.add_argument("--lr-audio", type=float, default=1e-3,
+                    help="Adam LR of the audio U-Net (default 1e-3)")
     ap.add_argument("--lr-steps", default=",".join(str(f) for f in LR_STEPS),
                     help="fractions of the budget where every LR drops x0.1 (default 0.8; "
                          "0.4,0.8 is Sound-of-Pixels' published --lr_steps 40 80 of 100 epochs)")
-    ap.add_argument("--val-every", type=int, default=200)
-    ap.add_argument("--val-mixtures", type=int, default=48)
-    ap.add_argument("--features", type=Path, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-every", type=int, default=200,
+                    help="steps between validations; the best val SDR is kept (default 200)")
+    ap.add_argument("--val-mixtures", type=int, default=48,
+                    help="fixed val mixtures scored at each validation (default 48)")
+    ap.add_argument("--features", type=Path, default=None,
+                    help="feature cache (default <data>/features)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of weights and mixtures (default 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto (default): a GPU per local process when there are enough, else "
                          "the CPU")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (for logs); validations are printed either way")
     ap.add_argument("--exclude-classes", default="",
                     help="comma-separated class names left out of training and validation "
                          "(pre-training for audio prompts, training/prompts.py)")
@@ -440,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                          "capacity, ~2x the step cost per doubling")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: the forward pass under bfloat16 autocast (weights, optimizer "
-                         "and loss stay float32; validation runs in float32): on this CPU "
-                         "with AVX512-BF16 a 1.6x faster step in scripts/bench_model.py, "
+                         "and loss stay float32; validation runs in float32): on a CPU with "
+                         "AVX512-BF16 a 1.6x faster step in scripts/bench_model.py, "
                          "1.3-1.4x the steps in a 55-minute run; fp32: all float32; auto "
                          "(default): bf16 where the device runs it natively, else fp32. A "
                          "bf16 run whose gradients turn non-finite goes on in fp32")
