@@ -192,14 +192,18 @@ def cache_detector_features(detector: Path, obj_enc: ObjectEncoder, mot_enc: Mot
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
     ap.add_argument("--features", type=Path, default=None, help="default: <data>/features")
-    ap.add_argument("--encoders-out", type=Path, default=Path("runs/encoders"))
+    ap.add_argument("--encoders-out", type=Path, default=Path("runs/encoders"),
+                    help="where pretrained encoders are saved (default runs/encoders)")
     ap.add_argument("--detector", type=Path, default=None, help="ONNX detector for det/")
-    ap.add_argument("--obj-steps", type=int, default=80)
-    ap.add_argument("--motion-steps", type=int, default=500)
-    ap.add_argument("--motion-dim", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--obj-steps", type=int, default=80,
+                    help="ObjectEncoder pretraining steps (default 80)")
+    ap.add_argument("--motion-steps", type=int, default=500,
+                    help="MotionEncoder self-supervised pretraining steps (default 500)")
+    ap.add_argument("--motion-dim", type=int, default=512,
+                    help="motion token width (default 512)")
+    ap.add_argument("--seed", type=int, default=0, help="default 0")
     ap.add_argument("--object-encoder", type=Path, default=None,
                     help="use this ObjectEncoder checkpoint instead of pretraining one (not "
                          "saved again)")
