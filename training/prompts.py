@@ -298,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="as training.train: bf16 autocast where the device runs it natively "
                          "(default auto)")
-    ft.add_argument("--lr-prompt", type=float, default=3e-3,
-                    help="Adam LR of the new rows (prompt mode) (default %(default)s)")
+    ft.add_argument("--lr-prompt", type=float, default=1e-1,
+                    help="Adam LR of the new rows (prompt mode) (default %(default)s; chosen "
+                         "on val in docs/RESULTS.md section 17; sections 7 and 15 ran 3e-3)")
     ft.add_argument("--lr-transformer", type=float, default=3e-4,
                     help="AdamW LR of the transformer (full mode) (default %(default)s)")
     ft.add_argument("--lr-audio", type=float, default=1e-3,
