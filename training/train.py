@@ -5,7 +5,8 @@ cached visual features:
         --out runs/iquery
 
 Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p of the warped
-mixture magnitude; AdamW for the transformer, Adam for the audio network; a step LR schedule
+mixture magnitude (the paper's; --loss-weight mag / source weigh the bins as SDR does, an
+ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam for the audio network; a step LR schedule
 scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels' published two drops);
 validation SDR on a fixed set of val mixtures, best kept by val only. <out>/last/ is a resumable
 state (model, optimizers, RNGs: safetensors + JSON, no pickle), <out>/best.* the best model.
@@ -100,19 +101,43 @@ def load_model_weights(stem: Path, model: nn.Module) -> None:
     model.load_state_dict(saved.state_dict())
 
 
-def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device
-               ) -> dict[str, Tensor]:
+LOSS_WEIGHTS = ("log1p", "mag", "source")
+
+
+def loss_weight(mag_mix: Tensor, mag_src: Tensor, kind: str = "log1p") -> Tensor:
+    """Per-bin weight of the mask L1: mag_mix (B, 1, rows, T), mag_src (B, K, rows, T) ->
+    (B, 1 or K, rows, T).
+
+    log1p: log1p(|S_mix|) clamped to [1e-3, 10], the paper's and its published code's.
+    mag: |S_mix| / its mean over the window, so the loss is the L1 error of the separated
+      magnitude (|S_mix| |m - m*|): loud bins count as they do in SDR's error energy.
+    source: |S_mix| / the mean of |S_k| over the window, per source: each source's relative
+      magnitude error, as SDR is relative to each source's own energy (a quiet source counts
+      as much as a loud one). The denominator is floored at a tenth of the mixture's mean so
+      that a source silent in the window does not blow the weight up."""
+    if kind == "log1p":
+        return torch.log1p(mag_mix).clamp(1e-3, 10)
+    mix_mean = mag_mix.mean((2, 3), keepdim=True).clamp_min(1e-8)
+    if kind == "mag":
+        return mag_mix / mix_mean
+    if kind == "source":
+        return mag_mix / torch.maximum(mag_src.mean((2, 3), keepdim=True), 0.1 * mix_mean)
+    raise ValueError(f"unknown loss weight {kind!r}: choose one of {', '.join(LOSS_WEIGHTS)}")
+
+
+def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device,
+               weighting: str = "log1p") -> dict[str, Tensor]:
     """Sampled numpy batch -> model inputs, targets and loss weights (all on device).
 
     x (B, 1, n_rows, T); target (B, K, n_rows, T) = |S_k| / |S_mix| clamped to [0, 1] on the
-    warped grid; weight (B, 1, n_rows, T) = log1p(|S_mix| warped), clamped to [1e-3, 10]."""
+    warped grid; weight (B, 1 or K, n_rows, T) from loss_weight(..., weighting)."""
     src = torch.from_numpy(batch["sources"]).to(device)  # (B, K, N)
     mix = src.sum(1)
     spec_mix = stft(mix)  # (B, 512, T)
     mag_src = warp(stft(src).abs(), n_rows)  # (B, K, rows, T)
     mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
     target = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
-    weight = torch.log1p(mag_mix).clamp(1e-3, 10)
+    weight = loss_weight(mag_mix, mag_src, weighting)
     out = {"x": model_input(spec_mix, n_rows), "target": target, "weight": weight,
            "spec_mix": spec_mix, "sources": src}
     for k in ("obj", "class_ids", "motion", "motion_pad"):
@@ -354,7 +379,7 @@ class PrecisionGuard:
 def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
                device: torch.device, contrastive_weight: float = 0.0,
                temperature: float = 0.1, stats: dict[str, float] | None = None,
-               precision: str = "fp32") -> torch.Tensor:
+               precision: str = "fp32", weighting: str = "log1p") -> torch.Tensor:
     """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks
     (+ contrastive_weight * info_nce when the weight is > 0, iQuery only), step every
     optimizer. Returns the loss (detached from nothing: for logging only); `stats`, if
@@ -364,8 +389,9 @@ def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: i
     "bf16" runs the forward pass under bfloat16 autocast (weights, optimizer state and the
     loss stay float32); "fp32" runs it all in float32. A non-finite loss or gradient raises
     NonFiniteStep and leaves the model as it was: no optimizer step, BatchNorm statistics
-    restored (see PrecisionGuard)."""
-    t = to_tensors(sampler.sample(batch), n_rows, device)
+    restored (see PrecisionGuard). weighting picks the mask loss's per-bin weight
+    (loss_weight)."""
+    t = to_tensors(sampler.sample(batch), n_rows, device, weighting)
     saved = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics, for a skip
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if contrastive_weight > 0:
@@ -455,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
                          "1.3-1.4x the steps in a 55-minute run; fp32: all float32; auto "
                          "(default): bf16 where the device runs it natively, else fp32. A "
                          "bf16 run whose gradients turn non-finite goes on in fp32")
+    ap.add_argument("--loss-weight", default="log1p", choices=list(LOSS_WEIGHTS),
+                    help="per-bin weight of the mask L1: log1p (default, the paper's: log1p of "
+                         "the mixture magnitude), mag (the mixture magnitude: L1 on the "
+                         "separated magnitude), source (mag divided by each source's mean "
+                         "magnitude: every source's relative error). Validation loss stays "
+                         "log1p, comparable across runs")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -580,7 +612,8 @@ def train(args: argparse.Namespace) -> int:
             "world_size": world, "excluded_classes": excluded,
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
-            "motion_e2e": args.motion_e2e, "precision": args.precision}
+            "motion_e2e": args.motion_e2e, "precision": args.precision,
+            "loss_weight": args.loss_weight}
     guard = PrecisionGuard(info.get("precision", args.precision),  # a resumed run keeps its own
                            skipped=info.get("skipped_steps", 0),
                            fallback_step=info.get("precision_fallback_step"))
@@ -603,7 +636,7 @@ def train(args: argparse.Namespace) -> int:
             loss = train_step(model, opts, sampler, args.batch, n_rows, device,
                               contrastive_weight=args.contrastive_weight,
                               temperature=args.contrastive_temperature, stats=terms,
-                              precision=guard.precision)
+                              precision=guard.precision, weighting=args.loss_weight)
             guard.passed()
         except NonFiniteStep:
             line = guard.failed(info["step"])  # every rank saw the same all-reduced gradients

@@ -20,6 +20,7 @@ from training.train import (
     forward_with_embeddings,
     info_nce,
     load_state,
+    loss_weight,
     lr_factor,
     main,
     make_model,
@@ -425,10 +426,62 @@ def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
 @pytest.mark.parametrize("flag, bad, says", [
     ("--lr-steps", "0.4,1.2", "--lr-steps"), ("--lr-steps", "half", "--lr-steps"),
     ("--lr-steps", "0", "--lr-steps"),  # fractions of the budget, in (0, 1)
-    ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2")])
+    ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2"),
+    ("--loss-weight", "sdr", "--loss-weight")])
 def test_cli_refuses_bad_values_with_a_one_line_error(tmp_path, capsys, flag, bad, says):
     with pytest.raises(SystemExit) as e:
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",
               flag, bad])
     assert e.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def _mags(seed=0, b=2, rows=16, frames=12):
+    """Warped magnitudes of three sources, one loud, one quieter, one nearly silent."""
+    level = torch.tensor([1.0, 0.3, 0.01])[:, None, None]
+    g = torch.Generator().manual_seed(seed)
+    mag_src = torch.rand(b, 3, rows, frames, generator=g) * level
+    return mag_src.sum(1, keepdim=True), mag_src
+
+
+def test_log1p_loss_weight_is_the_papers():
+    mag_mix, mag_src = _mags()
+    mag_mix = mag_mix * 50
+    assert torch.equal(loss_weight(mag_mix, mag_src), torch.log1p(mag_mix).clamp(1e-3, 10))
+
+
+def test_mag_loss_weight_makes_the_mask_l1_the_separated_magnitudes_l1():
+    mag_mix, mag_src = _mags()
+    target = (mag_src / mag_mix).clamp(0, 1)
+    masks = torch.rand(target.shape, generator=torch.Generator().manual_seed(1))
+    w = loss_weight(mag_mix, mag_src, "mag")
+    # |S_mix| |m - m*| = |m |S_mix| - |S_k||: the L1 of the separated magnitude, per unit of
+    # the window's mean mixture magnitude
+    want = ((masks * mag_mix - mag_src).abs() / mag_mix.mean((2, 3), keepdim=True)).mean()
+    assert mask_loss(masks, target, w) == pytest.approx(float(want), rel=1e-5)
+    # and it does not care about the recording's level, unlike log1p
+    assert torch.allclose(loss_weight(mag_mix * 7, mag_src * 7, "mag"), w)
+    assert not torch.allclose(loss_weight(mag_mix * 7, mag_src * 7), loss_weight(mag_mix, mag_src))
+
+
+def test_source_loss_weight_counts_a_quiet_source_like_a_loud_one():
+    mag_mix, mag_src = _mags()  # sources 1, 0.3 and 0.01 as loud
+    target = (mag_src / mag_mix).clamp(0, 1)
+    w = loss_weight(mag_mix, mag_src, "source")
+    assert w.shape == mag_src.shape
+    # the same relative error on each source (its magnitude estimate off by 10 %) costs the same
+    masks = target * 1.1
+    per_source = (w * (masks - target).abs()).mean((0, 2, 3))
+    assert per_source[1] == pytest.approx(float(per_source[0]), rel=1e-4)
+    # the quietest source is under a tenth of the mixture's mean: its weight is floored there
+    floor = mag_mix / (0.1 * mag_mix.mean((2, 3), keepdim=True))
+    assert torch.allclose(w[:, 2:], floor)
+    silent = loss_weight(mag_mix, torch.zeros_like(mag_src), "source")
+    assert torch.isfinite(silent).all() and silent.max() <= 10 * loss_weight(
+        mag_mix, mag_src, "mag").max() + 1e-4
+
+
+def test_unknown_loss_weight_is_refused():
+    mag_mix, mag_src = _mags()
+    with pytest.raises(ValueError, match="unknown loss weight 'sdr'"):
+        loss_weight(mag_mix, mag_src, "sdr")
