@@ -6,10 +6,11 @@ cached visual features:
 
 Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p of the warped
 mixture magnitude (the paper's; --loss-weight mag / source weigh the bins as SDR does, an
-ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam for the audio network; a step LR schedule
-scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels' published two drops);
-validation SDR on a fixed set of val mixtures, best kept by val only. <out>/last/ is a resumable
-state (model, optimizers, RNGs: safetensors + JSON, no pickle), <out>/best.* the best model.
+ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam for the audio network;
+a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels'
+published two drops); validation SDR on a fixed set of val mixtures, best kept by val only.
+<out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
+<out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
 pass under bfloat16 autocast where the CPU or GPU computes in bf16 (1.3-1.4x the steps in the
 same minutes here: docs/RESULTS.md section 13), float32 elsewhere; a step with non-finite
