@@ -44,7 +44,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
 from models.spectral import apply_masks, istft, model_input, stft, warp
 from models.visual import MotionEncoder
-from training.factory import build_model
+from training.factory import PRESETS, build_model
 from training.instruments import load_vocabulary
 from training.metrics import bss_eval
 from training.mixdata import MixSampler, load_solo
@@ -475,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ngf", type=int, default=None,
                     help="U-Net base width, replacing the preset's (cpu: 16, paper: 64): more "
                          "capacity, ~2x the step cost per doubling")
+    ap.add_argument("--n-frames", type=int, default=None,
+                    help="STFT frames per training window, replacing the preset's (cpu: 64, "
+                         "~1.5 s; paper: 256): more time context per mask, ~2x the step cost "
+                         "per doubling at a fixed --batch; a multiple of 2^(U-Net depth)")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: the forward pass under bfloat16 autocast (weights, optimizer "
                          "and loss stay float32; validation runs in float32): on a CPU with "
@@ -500,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--motion-e2e and --contrastive-weight are not supported together")
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    for flag, value in (("--n-rows", args.n_rows), ("--n-frames", args.n_frames)):
+        unit = 2 ** PRESETS.get(args.preset, PRESETS["cpu"])["unet_depth"]
+        if value is not None and (value < unit or value % unit):
+            # The U-Net halves both axes at every level, down to a single cell.
+            ap.error(f"{flag} must be a positive multiple of {unit} for the {args.preset} "
+                     f"preset's U-Net, got {value}")
     if args.n_mix < 2:
         ap.error(f"--n-mix must be >= 2 (a mixture of one clip has nothing to separate), "
                  f"got {args.n_mix}")
@@ -570,7 +580,8 @@ def train(args: argparse.Namespace) -> int:
     for c in excluded:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
-    overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf)) if v is not None}
+    overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf),
+                                   ("n_frames", args.n_frames)) if v is not None}
     model = make_model(args.model, args.preset, **overrides)
     n_rows, n_frames, sep_kwargs = model.n_rows, model.n_frames, dict(model.kwargs)
     tubes = args.motion_e2e is not None

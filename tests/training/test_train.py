@@ -427,7 +427,11 @@ def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
     ("--lr-steps", "0.4,1.2", "--lr-steps"), ("--lr-steps", "half", "--lr-steps"),
     ("--lr-steps", "0", "--lr-steps"),  # fractions of the budget, in (0, 1)
     ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2"),
-    ("--loss-weight", "sdr", "--loss-weight")])
+    ("--loss-weight", "sdr", "--loss-weight"),
+    # The cpu preset's U-Net has 6 levels: both axes must halve six times.
+    ("--n-frames", "100", "--n-frames must be a positive multiple of 64"),
+    ("--n-frames", "0", "--n-frames must be a positive multiple of 64"),
+    ("--n-rows", "96", "--n-rows must be a positive multiple of 64")])
 def test_cli_refuses_bad_values_with_a_one_line_error(tmp_path, capsys, flag, bad, says):
     with pytest.raises(SystemExit) as e:
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",

@@ -149,9 +149,11 @@ def test_cli_n_rows_ngf_and_precision_override_the_preset(fake_data, tmp_path):
     out = tmp_path / "rows"
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
                  "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
-                 "--threads", "1", "--n-rows", "64", "--ngf", "8", "--precision", "bf16"]) == 0
+                 "--threads", "1", "--n-rows", "64", "--ngf", "8", "--precision", "bf16",
+                 "--n-frames", "128"]) == 0
     model, meta = load_checkpoint(out / "best")
     assert model.n_rows == 64 and meta["kwargs"]["n_rows"] == 64
+    assert model.n_frames == meta["kwargs"]["n_frames"] == 128  # the preset's is 64
     assert model.kwargs["ngf"] == meta["kwargs"]["ngf"] == 8
     assert meta["precision"] == "bf16"
     assert all(w.dtype == torch.float32 for w in model.state_dict().values()
