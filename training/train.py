@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--data", type=Path, required=True,
                     help="SynthMUSIC (or MUSIC) root, with its feature cache (training.encoders)")
-    ap.add_argument("--preset", default="cpu",
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                     help="model size: cpu (default; 3 M parameters) or paper (46 M, a GPU's)")
     ap.add_argument("--model", default="iquery", choices=MODELS)
     ap.add_argument("--out", type=Path, required=True,
@@ -504,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--motion-e2e and --contrastive-weight are not supported together")
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    unit = 2 ** PRESETS[args.preset]["unet_depth"]
     for flag, value in (("--n-rows", args.n_rows), ("--n-frames", args.n_frames)):
-        unit = 2 ** PRESETS.get(args.preset, PRESETS["cpu"])["unet_depth"]
         if value is not None and (value < unit or value % unit):
             # The U-Net halves both axes at every level, down to a single cell.
             ap.error(f"{flag} must be a positive multiple of {unit} for the {args.preset} "
