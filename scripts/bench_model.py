@@ -163,6 +163,18 @@ def onnx_step_fn(model: IQuery) -> Callable[[], object]:
     return lambda: sess.run(None, feed)
 
 
+def detector_fn(in_size: int) -> Callable[[], object]:
+    """The engine's detector call: one 224x224 frame through the exported ONNX graph (which
+    resizes it to in_size) on onnxruntime's CPU provider, one thread (nodes/detector.py)."""
+    from training.detector import CenterDetector, OnnxDetector, export_detector_onnx
+
+    path = Path(tempfile.mkdtemp()) / f"det{in_size}.onnx"
+    export_detector_onnx(CenterDetector(in_size=in_size), path)
+    det = OnnxDetector(path)
+    frame = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), np.uint8)
+    return lambda: det(frame)
+
+
 def _burn(stop) -> None:
     """Background load standing in for the other engineers' processes: one busy thread."""
     torch.set_num_threads(1)
@@ -247,6 +259,9 @@ def bench(args: argparse.Namespace) -> None:
         "ObjectEncoder: 1 crop 224x224": (encoder_fn(ObjectEncoder(), 224), 3),
         "ObjectEncoder: 1 crop 112x112": (encoder_fn(ObjectEncoder(), 112), 5),
         "MotionEncoder: 1 tube 16x112x112": (tube_fn(MotionEncoder()), 3),
+        # The shipped detector's input side, and the one it replaced (docs/RESULTS.md 24)
+        "Detector (ONNX, CPU): 1 frame 224x224, graph at 96x96": (detector_fn(96), 20),
+        "Detector (ONNX, CPU): 1 frame 224x224, graph at 192x192": (detector_fn(192), 20),
     }
     if args.onnx:
         jobs["cpu: streaming step, onnxruntime CPU (model only)"] = (onnx_step_fn(cpu), 20)

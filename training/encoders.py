@@ -28,19 +28,15 @@ from tqdm import tqdm
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD, normalise
 from models.visual import MotionEncoder, ObjectEncoder
-from training.instruments import load_vocabulary
+from training.instruments import class_names
 from training.music_data import Clip, MusicIndex, list_ensembles, load_audio, load_boxes
-from training.visual_data import crop, detected_classes, detector_rows, read_frame, track_from_rows
+from training.visual_data import crop, name_clip, read_frame, track_from_rows
 
 OBJ_CROP = 64
 MOTION_CROP = 40
 OBJ_FRAMES = 3  # frames per clip whose features are max-pooled (ObjectEncoder.forward)
 OBJ_MARGIN = 0.1
 MOTION_MARGIN = 0.25  # a still crop must hold the instrument's swing
-
-
-def class_names() -> list[str]:
-    return [inst.name for inst in load_vocabulary()]
 
 
 def track_crops(frames_dir: Path, track: np.ndarray, n_frames: int) -> tuple[np.ndarray,
@@ -154,11 +150,8 @@ def cache_detector_features(detector: Path, obj_enc: ObjectEncoder, mot_enc: Mot
     stride = 2
     named_ok = 0
     for c in tqdm(test_clips, desc="det solo", unit="clip", leave=False):
-        rows = detector_rows(det, c.frames_dir, c.n_frames, stride)
-        found = detected_classes(rows, len(range(1, c.n_frames + 1, stride)))
-        # The detector names the clip by its most confident track (no dataset label).
-        cls = found[0][0] if found else int(rows[np.argmax(rows[:, 2]), 1]) if len(
-            rows) else 0
+        found, rows = name_clip(det, c.frames_dir, c.n_frames, solo=True, stride=stride)
+        cls = found[0] if found else 0
         named_ok += names[cls] == c.class_name
         track = track_from_rows(rows, cls, c.n_frames)
         if track is None:  # nothing detected at all: the whole frame is the crop
@@ -168,13 +161,12 @@ def cache_detector_features(detector: Path, obj_enc: ObjectEncoder, mot_enc: Mot
                    *encode(obj_enc, mot_enc, tube, objs), cls=cls)
     ens_found = {}
     for e in tqdm(ensembles, desc="det ensembles", unit="clip", leave=False):
-        rows = detector_rows(det, e.frames_dir, e.n_frames, stride)
-        found = detected_classes(rows, len(range(1, e.n_frames + 1, stride)))
-        ens_found[e.clip_id] = [names[c] for c, _ in found]
+        found, rows = name_clip(det, e.frames_dir, e.n_frames, solo=False, stride=stride)
+        ens_found[e.clip_id] = [names[c] for c in found]
         out = feats / "det" / "ensembles" / e.clip_id
         for stale in out.glob("*.npy") if out.is_dir() else ():  # a re-run with a new detector
             stale.unlink()
-        for cls, _ in found:
+        for cls in found:
             track = track_from_rows(rows, cls, e.n_frames)
             tube, objs = track_crops(e.frames_dir, track, e.n_frames)
             save_feats(out / names[cls], *encode(obj_enc, mot_enc, tube, objs))

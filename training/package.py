@@ -5,6 +5,8 @@ preprocessing and the commands that trained each part.
 
     python -m training.package --out models/checkpoints/cpu --separator runs/iquery/best \
         --detector runs/detector --encoders runs/encoders
+    python -m training.package --out models/checkpoints/cpu --detector runs/detector \
+        --detector-only      (a retrained detector into the shipped folder, nothing else)
 
 Weights are stored as float16 to keep the folder small (load_state_dict casts them back).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -50,14 +53,57 @@ def save_half(stem: Path, model: torch.nn.Module, meta: dict) -> None:
         {"class": type(model).__name__, "kwargs": model.kwargs, "meta": meta}, indent=2) + "\n")
 
 
+def detector_entry(det_metrics: dict) -> dict:
+    """The manifest's record of the detector: file, contract, train_detector's metrics."""
+    return {"file": "detector.onnx", "contract": "images float32 (N,3,H,W) RGB 0..1 -> boxes "
+            "(N,K,4) x1y1x2y2 px, scores (N,K), class_ids (N,K) int64",
+            "metrics": {k: v for k, v in det_metrics.items() if not k.startswith("ap50_")}}
+
+
+def swap_detector(ap: argparse.ArgumentParser, out: Path, detector: Path,
+                  det_metrics: dict) -> int:
+    """--detector-only: a retrained detector into a shipped folder, nothing else touched (the
+    separator and encoders do not depend on the detector; only detector-named evaluation
+    rows do, and those are re-measured separately)."""
+    manifest_path = out / "manifest.json"
+    if not manifest_path.is_file():
+        ap.error(f"--detector-only: {out} has no manifest.json to update (package it whole "
+                 "first)")
+    manifest = json.loads(manifest_path.read_text())
+    tmp = out / "detector.onnx.tmp"
+    shutil.copyfile(detector / "detector.onnx", tmp)
+    os.replace(tmp, out / "detector.onnx")
+    manifest["detector"] = detector_entry(det_metrics)
+    commands = manifest.get("training_commands") or [None]
+    manifest["training_commands"] = [det_metrics.get("command"), *commands[1:]]
+    tmp = manifest_path.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    print(f"swapped the detector of {out} for {detector / 'detector.onnx'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--separator", type=Path, required=True, help="checkpoint stem")
+    ap.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
+    ap.add_argument("--separator", type=Path, default=None, help="checkpoint stem")
     ap.add_argument("--detector", type=Path, required=True, help="train_detector --out folder")
-    ap.add_argument("--encoders", type=Path, required=True, help="encoders --encoders-out")
+    ap.add_argument("--encoders", type=Path, default=None, help="encoders --encoders-out")
     ap.add_argument("--results", type=Path, default=None, help="evaluate's results.json")
+    ap.add_argument("--detector-only", action="store_true",
+                    help="swap only the detector of the existing folder --out (its ONNX file, "
+                         "the manifest's detector entry and command); the separator, encoders "
+                         "and results stay as they are")
     args = ap.parse_args(argv)
+    metrics_path = args.detector / "detector_metrics.json"
+    if not ((args.detector / "detector.onnx").is_file() and metrics_path.is_file()):
+        ap.error(f"--detector {args.detector}: needs detector.onnx and detector_metrics.json "
+                 "(python -m training.train_detector --out ...)")
+    det_metrics = json.loads(metrics_path.read_text())
+    if args.detector_only:
+        return swap_detector(ap, args.out, args.detector, det_metrics)
+    if args.separator is None or args.encoders is None:
+        ap.error("--separator and --encoders are needed (or --detector-only)")
     args.out.mkdir(parents=True, exist_ok=True)
     sep, sep_meta = load_checkpoint(args.separator)
     obj, obj_meta = load_checkpoint(args.encoders / "object_encoder")
@@ -66,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     save_half(args.out / "object_encoder", obj, obj_meta)
     save_half(args.out / "motion_encoder", mot, mot_meta)
     shutil.copyfile(args.detector / "detector.onnx", args.out / "detector.onnx")
-    det_metrics = json.loads((args.detector / "detector_metrics.json").read_text())
     manifest = {
         "class_names": class_names(),
         # The model's own kwargs only: checkpoints before 2026-11-23 recorded the preset's in
@@ -81,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                            "tokens": "one per video frame", "fps": FPS},
         "preprocessing": {"crop_rgb": "uint8 RGB / 255, then (x - mean) / std",
                           "mean": MEAN, "std": STD},
-        "detector": {"file": "detector.onnx", "contract": "images float32 (N,3,H,W) RGB 0..1 "
-                     "-> boxes (N,K,4) x1y1x2y2 px, scores (N,K), class_ids (N,K) int64",
-                     "metrics": {k: v for k, v in det_metrics.items() if "ap50_" not in k}},
+        "detector": detector_entry(det_metrics),
         "separation": {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
                        "overlap_add": "triangular weights on the warped masks"},
         "training_commands": [det_metrics.get("command"), obj_meta.get("command"),

@@ -24,11 +24,12 @@ from training.detector import (
     export_detector_onnx,
     make_targets,
 )
+from training.instruments import class_names
 from training.metrics import mean_average_precision
 from training.music_data import MusicIndex, list_ensembles, load_boxes
-from training.visual_data import read_frame
+from training.visual_data import name_clip, read_frame
 
-N_CLASSES = 12
+N_CLASSES = len(class_names())  # the vocabulary of ../shared/instruments.toml
 
 
 def load_frames_with_boxes(items: list[tuple[Path, np.ndarray, int]], per_clip: int, size: int,
@@ -105,20 +106,57 @@ def evaluate_map(onnx_path: Path, images: np.ndarray, boxes: list) -> tuple[floa
     return mean_average_precision(dets, boxes, N_CLASSES, 0.5)
 
 
+def naming_scores(onnx_path: Path, data: Path) -> dict[str, float]:
+    """How often the detector names test clips right, with the rule that makes detector-named
+    queries (training.visual_data.name_clip): solo clips by their one class, ensembles by
+    their exact set of classes (a missed or an extra player makes the clip wrong)."""
+    det = OnnxDetector(onnx_path)
+    names = class_names()
+    solo = list(MusicIndex.from_csv(data / "test.csv"))
+    ok = sum(name_clip(det, c.frames_dir, c.n_frames, solo=True)[0][:1] ==
+             [names.index(c.class_name)] for c in solo)
+    out = {"naming_accuracy_test_solo": ok / max(len(solo), 1)}
+    ens = list_ensembles(data)
+    if ens:
+        exact = sum(sorted(names[i] for i in name_clip(det, e.frames_dir, e.n_frames,
+                                                       solo=False)[0]) == sorted(e.classes)
+                    for e in ens)
+        out["ensembles_exact_class_set"] = exact / len(ens)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--frames-per-clip", type=int, default=4)
-    ap.add_argument("--in-size", type=int, default=96)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap = argparse.ArgumentParser(
+        description="Train the small CenterNet-style instrument detector on SynthMUSIC (or "
+                    "MUSIC-layout) training frames and their boxes, export it to ONNX (the "
+                    "contract of docs/DETECTOR.md) and score it on the test frames: mAP@0.5 "
+                    "and how often it names each clip's instruments right.")
+    ap.add_argument("--data", type=Path, required=True,
+                    help="dataset root with train.csv / test.csv, frames and "
+                         "detection_results (training.synth writes one)")
+    ap.add_argument("--out", type=Path, required=True,
+                    help="folder for detector.onnx, detector.safetensors/.json and "
+                         "detector_metrics.json")
+    ap.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    ap.add_argument("--batch", type=int, default=16, help="frames per step (default 16)")
+    ap.add_argument("--frames-per-clip", type=int, default=4,
+                    help="training frames drawn from each solo clip (default 4)")
+    ap.add_argument("--in-size", type=int, default=192,
+                    help="side of the square the graph resizes every image to, a multiple of "
+                         "8 (default 192: players in ensemble frames are ~50 px of 224; "
+                         "96 loses them, docs/RESULTS.md section 24)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak Adam LR, one-cycle (2e-3)")
     ap.add_argument("--mosaic", type=float, default=0.5,
                     help="fraction of each batch replaced by 2-3-frame mosaics of training frames")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="weights and sampling (default 0)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
+    if args.in_size < 32 or args.in_size % 8:
+        ap.error(f"--in-size {args.in_size}: must be a multiple of 8, at least 32 (the heads "
+                 "sit at stride 8)")
+    if not (args.data / "train.csv").is_file():
+        ap.error(f"--data {args.data}: no train.csv there (make a dataset with "
+                 "python -m training.synth)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -185,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         m_ens, ap_ens = evaluate_map(onnx_path, e_imgs, e_boxes)
         metrics |= {"map50_ensembles": m_ens, "ap50_ensembles": ap_ens,
                     "n_ensemble_frames": len(e_imgs)}
+    metrics |= naming_scores(onnx_path, args.data)
     (args.out / "detector_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({k: v for k, v in metrics.items() if not k.startswith("ap50")}))
     return 0

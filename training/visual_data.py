@@ -79,3 +79,16 @@ def detected_classes(rows: np.ndarray, n_sampled: int, min_fraction: float = 0.5
         if len(np.unique(r[:, 0])) >= min_fraction * n_sampled:
             out.append((int(c), float(r[:, 2].sum())))
     return sorted(out, key=lambda t: -t[1])
+
+
+def name_clip(detector, frames_dir: Path, n_frames: int, solo: bool, stride: int = 2
+              ) -> tuple[list[int], np.ndarray]:
+    """The classes a detector names in a clip, from every `stride`-th frame, and its rows.
+    An ensemble is every class detected in >= half of the sampled frames; a solo clip is one
+    class, its most confident track (or its single best detection when no class is steady),
+    with no dataset label involved. -> (class ids, best first; detector rows)."""
+    rows = detector_rows(detector, frames_dir, n_frames, stride)
+    found = [c for c, _ in detected_classes(rows, len(range(1, n_frames + 1, stride)))]
+    if solo:
+        found = found[:1] or ([int(rows[np.argmax(rows[:, 2]), 1])] if len(rows) else [])
+    return found, rows

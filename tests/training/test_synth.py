@@ -246,3 +246,57 @@ def test_music_loader_reads_the_generated_layout(tiny):
     ensembles = list_ensembles(out)
     assert [e.clip_id for e in ensembles] == ["ens_0000", "ens_0001"]
     assert all(e.stem_path(c).is_file() for e in ensembles for c in e.classes)
+
+
+@needs_assets
+def test_detector_cli_trains_exports_and_scores(tiny, tmp_path):
+    from training import train_detector
+    from training.detector import OnnxDetector
+
+    data, _ = tiny
+    out = tmp_path / "det"
+    assert train_detector.main(["--data", str(data), "--out", str(out), "--steps", "3",
+                                "--batch", "4", "--frames-per-clip", "2", "--in-size", "64",
+                                "--threads", "1"]) == 0
+    boxes, scores, cls = OnnxDetector(out / "detector.onnx")(
+        np.zeros((1, 224, 224, 3), np.uint8))
+    assert boxes.shape[:2] == scores.shape == cls.shape
+    metrics = json.loads((out / "detector_metrics.json").read_text())
+    assert metrics["in_size"] == 64 and metrics["train_frames"] == 2 * 4
+    assert metrics["n_test_solo_frames"] == 3 * 4 and metrics["n_ensemble_frames"] == 2 * 2
+    for key in ("map50_test_solo", "map50_ensembles", "naming_accuracy_test_solo",
+                "ensembles_exact_class_set"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+
+
+@needs_assets
+def test_detector_naming_scores_follow_what_is_detected(tiny, tmp_path):
+    """A detector that always sees an accordion (0.9) and a guitar (0.8) names both tiny
+    ensembles (accordion + guitar) right and half the solo clips (it names each by the
+    accordion); one that sees only the accordion names no ensemble right."""
+    from nodes.bundle import write_fixed_detector
+    from training.train_detector import naming_scores
+
+    data, _ = tiny
+    both = write_fixed_detector(tmp_path / "both.onnx", [0, 1],
+                                [[0.1, 0.1, 0.4, 0.9], [0.6, 0.1, 0.9, 0.9]], [0.9, 0.8])
+    assert naming_scores(both, data) == {"naming_accuracy_test_solo": 0.5,
+                                         "ensembles_exact_class_set": 1.0}
+    one = write_fixed_detector(tmp_path / "one.onnx", [0], [[0.1, 0.1, 0.4, 0.9]], [0.9])
+    assert naming_scores(one, data)["ensembles_exact_class_set"] == 0.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--in-size", "100"], "multiple of 8"),
+    (["--data", "/nonexistent"], "no train.csv"),
+])
+def test_detector_cli_refuses_bad_arguments_in_one_line(argv, message, tmp_path, capsys):
+    from training import train_detector
+
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "det")]
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_detector.main(base + argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]

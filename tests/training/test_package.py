@@ -1,0 +1,62 @@
+"""training.package --detector-only: a retrained detector swapped into a shipped folder."""
+
+import json
+
+import pytest
+
+from nodes.bundle import write_fixed_detector
+from training.package import main
+
+
+@pytest.fixture()
+def shipped(tmp_path):
+    out = tmp_path / "cpu"
+    out.mkdir()
+    write_fixed_detector(out / "detector.onnx", [0], [[0.1, 0.1, 0.5, 0.5]], [0.9])
+    manifest = {"separator": {"file": "separator", "kwargs": {"n_rows": 256}},
+                "detector": {"file": "detector.onnx", "metrics": {"in_size": 96}},
+                "training_commands": ["old detector", "encoders", "separator"],
+                "results": {"pairs": {"iQuery": {"sdr": 13.0}}}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    new = tmp_path / "det"
+    new.mkdir()
+    write_fixed_detector(new / "detector.onnx", [3, 4], [[0, 0, 1, 1], [0, 0, 1, 1]],
+                         [0.8, 0.7])
+    (new / "detector_metrics.json").write_text(json.dumps(
+        {"in_size": 192, "command": "new detector", "ap50_test_solo": {"0": 1.0},
+         "map50_ensembles": 0.99}))
+    return out, new, manifest
+
+
+def test_detector_only_swaps_the_onnx_and_its_record_and_keeps_the_rest(shipped):
+    out, new, before = shipped
+    assert main(["--out", str(out), "--detector", str(new), "--detector-only"]) == 0
+    assert (out / "detector.onnx").read_bytes() == (new / "detector.onnx").read_bytes()
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["detector"]["metrics"] == {"in_size": 192, "command": "new detector",
+                                            "map50_ensembles": 0.99}
+    assert after["training_commands"] == ["new detector", "encoders", "separator"]
+    assert after["separator"] == before["separator"] and after["results"] == before["results"]
+    assert sorted(p.name for p in out.iterdir()) == ["detector.onnx", "manifest.json"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no manifest", "no manifest.json"),
+    ("no metrics", "detector_metrics.json"),
+    ("no separator", "--separator and --encoders"),
+])
+def test_refusals_are_one_line_and_touch_nothing(shipped, case, message, capsys):
+    out, new, _ = shipped
+    argv = ["--out", str(out), "--detector", str(new), "--detector-only"]
+    if case == "no manifest":
+        (out / "manifest.json").unlink()
+    elif case == "no metrics":
+        (new / "detector_metrics.json").unlink()
+    else:
+        argv = argv[:-1]
+    old_onnx = (out / "detector.onnx").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "detector.onnx").read_bytes() == old_onnx
