@@ -21,6 +21,8 @@ to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 --motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
 INIT, or `random`) on crop tubes cached by `training.encoders --tubes`, instead of reading
 frozen motion tokens; it is saved beside the separator as <out>/best_motion_encoder.
+--ema D keeps an exponential moving average of the weights (and BatchNorm statistics), each
+step avg = D * avg + (1 - D) * weights; validation scores, and best/ holds, the average.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
@@ -251,7 +254,8 @@ def _load_opt_state(opts: list[torch.optim.Optimizer], tensors: dict[str, Tensor
 
 
 def save_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer],
-               sampler: MixSampler, info: dict[str, Any]) -> None:
+               sampler: MixSampler, info: dict[str, Any],
+               ema: AveragedModel | None = None) -> None:
     """Write a resumable state to `folder` atomically: build it in a sibling temp folder, then
     swap it in (a kill at any point leaves `folder` or `folder`.old complete)."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -259,6 +263,9 @@ def save_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(tmp / "model", _unwrap(model), {"step": info["step"]})
+    if ema is not None:
+        save_model(tmp / "ema", ema.module, {"step": info["step"],
+                                             "ema_updates": int(ema.n_averaged)})
     tensors, groups = _opt_state(opts)
     tensors["torch_rng"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "train.safetensors"))
@@ -273,11 +280,16 @@ def save_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer]
 
 
 def load_state(folder: Path, model: nn.Module, opts: list[torch.optim.Optimizer],
-               sampler: MixSampler) -> dict[str, Any]:
-    """Restore what save_state wrote (falls back to `folder`.old after an interrupted swap)."""
+               sampler: MixSampler, ema: AveragedModel | None = None) -> dict[str, Any]:
+    """Restore what save_state wrote (falls back to `folder`.old after an interrupted swap).
+    A state saved without an average starts `ema` from the restored weights."""
     if not (folder / "train.json").is_file():
         folder = folder.with_name(folder.name + ".old")
     load_model_weights(folder / "model", _unwrap(model))
+    if ema is not None and (folder / "ema.json").is_file():
+        load_model_weights(folder / "ema", ema.module)
+        ema.n_averaged.fill_(json.loads((folder / "ema.json").read_text())["meta"]
+                             ["ema_updates"])
     info = json.loads((folder / "train.json").read_text())
     tensors = load_file(str(folder / "train.safetensors"))
     torch.set_rng_state(tensors.pop("torch_rng"))
@@ -492,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
                          "separated magnitude), source (mag divided by each source's mean "
                          "magnitude: every source's relative error). Validation loss stays "
                          "log1p, comparable across runs")
+    ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                    help="keep an exponential moving average of the weights with this decay "
+                         "per step (e.g. 0.999: ~1000 steps of memory), validated and saved as "
+                         "best/ in place of the raw weights; 0: off (default)")
     ap.add_argument("--motion-e2e", default=None, metavar="INIT",
                     help="train the motion encoder with the separator, from the MotionEncoder "
                          "checkpoint INIT or from `random`, on crop tubes (needs --features "
@@ -504,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--motion-e2e and --contrastive-weight are not supported together")
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    if not 0.0 <= args.ema < 1.0:
+        ap.error(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     unit = 2 ** PRESETS[args.preset]["unet_depth"]
     for flag, value in (("--n-rows", args.n_rows), ("--n-frames", args.n_frames)):
         if value is not None and (value < unit or value % unit):
@@ -610,8 +628,10 @@ def train(args: argparse.Namespace) -> int:
     state_dir = args.out / "last"
     info: dict[str, Any] = {"step": 0, "elapsed": 0.0, "best_sdr": -1e9, "best_step": -1,
                             "history": []}
+    ema = (AveragedModel(_unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(args.ema),
+                         use_buffers=True) if args.ema > 0 else None)
     if has_state(state_dir):
-        info = load_state(state_dir, model, opts, sampler)
+        info = load_state(state_dir, model, opts, sampler, ema)
         if rank == 0:
             print(f"resumed from {state_dir} at step {info['step']}", flush=True)
     writer = SummaryWriter(str(args.out / "tb")) if rank == 0 else None
@@ -625,7 +645,7 @@ def train(args: argparse.Namespace) -> int:
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
             "motion_e2e": args.motion_e2e, "precision": args.precision,
-            "loss_weight": args.loss_weight}
+            "loss_weight": args.loss_weight, "ema": args.ema}
     guard = PrecisionGuard(info.get("precision", args.precision),  # a resumed run keeps its own
                            skipped=info.get("skipped_steps", 0),
                            fallback_step=info.get("precision_fallback_step"))
@@ -658,6 +678,8 @@ def train(args: argparse.Namespace) -> int:
                 bar.write(line)
             continue
         info["step"] += 1
+        if ema is not None:
+            ema.update_parameters(_unwrap(model))
         bar.update(1)
         if writer is not None:
             writer.add_scalar("train/loss", loss.item(), info["step"])
@@ -666,7 +688,8 @@ def train(args: argparse.Namespace) -> int:
                 writer.add_scalar("train/contrastive", terms["contrastive"], info["step"])
         last = info["step"] >= max_steps or time.time() - t_start >= budget_s
         if rank == 0 and (info["step"] % args.val_every == 0 or last):
-            v = validate(_unwrap(model), val_batches, n_rows, device)
+            scored = ema.module if ema is not None else _unwrap(model)
+            v = validate(scored, val_batches, n_rows, device)
             info["elapsed"] = time.time() - t_start
             extra = ({"mask_loss": terms["mask"], "contrastive": terms["contrastive"]}
                      if args.contrastive_weight > 0 else {})
@@ -679,13 +702,12 @@ def train(args: argparse.Namespace) -> int:
                       f"sir {v['sir']:.2f} sar {v['sar']:.2f} ({info['elapsed']:.0f} s)")
             if v["sdr"] > info["best_sdr"]:
                 info["best_sdr"], info["best_step"] = v["sdr"], info["step"]
-                save_model(args.out / "best", _unwrap(model),
-                           meta | {"step": info["step"], "val": v})
-            save_state(state_dir, model, opts, sampler, info)
+                save_model(args.out / "best", scored, meta | {"step": info["step"], "val": v})
+            save_state(state_dir, model, opts, sampler, info, ema)
     bar.close()
     if rank == 0:
         info["elapsed"] = time.time() - t_start
-        save_state(state_dir, model, opts, sampler, info)
+        save_state(state_dir, model, opts, sampler, info, ema)
         (args.out / "summary.json").write_text(json.dumps(
             meta | guard.state() | {k: info[k] for k in ("step", "elapsed", "best_sdr",
                                                          "best_step", "history")},

@@ -124,6 +124,48 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+def test_ema_is_the_moving_average_and_resumes_exactly(tmp_path):
+    """--ema: the first update copies the weights, each next one is d * avg + (1 - d) * w,
+    BatchNorm statistics included; a resumed run's average continues as if never stopped."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    clips, d = tone_clips(), 0.9
+
+    def fresh():
+        torch.manual_seed(0)
+        m = small_model()
+        ema = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(d), use_buffers=True)
+        return m, make_optimizers(m, 1e-3, 1e-3), MixSampler(clips, 64, seed=3), ema
+
+    m1, o1, s1, e1 = fresh()
+    seen = []
+    for _ in range(3):
+        _step(m1, o1, s1)
+        e1.update_parameters(m1)
+        seen.append({k: v.detach().clone() for k, v in m1.state_dict().items()
+                     if v.is_floating_point()})
+    for k, avg in e1.module.state_dict().items():
+        if k in seen[0]:
+            want = d * (d * seen[0][k] + (1 - d) * seen[1][k]) + (1 - d) * seen[2][k]
+            torch.testing.assert_close(avg, want, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(
+        e1.module.parameters(), m1.parameters(), strict=True)), "the average is the weights"
+
+    m2, o2, s2, e2 = fresh()
+    _step(m2, o2, s2)
+    e2.update_parameters(m2)
+    save_state(tmp_path / "last", m2, o2, s2, {"step": 1}, e2)
+    m3, o3, s3, e3 = fresh()
+    load_state(tmp_path / "last", m3, o3, s3, e3)
+    assert int(e3.n_averaged) == 1
+    for _ in range(2):
+        _step(m3, o3, s3)
+        e3.update_parameters(m3)
+    for (k, a), b in zip(e1.module.state_dict().items(), e3.module.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
 class _Ones(nn.Module):
     """A stand-in separator whose every mask is 1: separation must return the mixture."""
 
@@ -431,7 +473,8 @@ def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
     # The cpu preset's U-Net has 6 levels: both axes must halve six times.
     ("--n-frames", "100", "--n-frames must be a positive multiple of 64"),
     ("--n-frames", "0", "--n-frames must be a positive multiple of 64"),
-    ("--n-rows", "96", "--n-rows must be a positive multiple of 64")])
+    ("--n-rows", "96", "--n-rows must be a positive multiple of 64"),
+    ("--ema", "1", "--ema must be in [0, 1)"), ("--ema", "-0.5", "--ema must be in [0, 1)")])
 def test_cli_refuses_bad_values_with_a_one_line_error(tmp_path, capsys, flag, bad, says):
     with pytest.raises(SystemExit) as e:
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",

@@ -59,6 +59,28 @@ def test_cli_trains_keeps_best_and_resumes(fake_data, tmp_path):
     assert [h["step"] for h in summary["history"]] == [2, 3]
 
 
+def test_cli_ema_keeps_the_average_as_best_and_resumes_it(fake_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(fake_data), "--model", "sop", "--batch", "2", "--val-every", "1",
+            "--val-mixtures", "2", "--out", str(out), "--no-progress", "--threads", "1",
+            "--ema", "0.9"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "3"]) == 0  # resumes the average at 2 updates
+    ema_meta = json.loads((out / "last" / "ema.json").read_text())["meta"]
+    assert ema_meta["ema_updates"] == 3 and ema_meta["step"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ema"] == 0.9 and summary["step"] == 3
+    saved_ema, _ = load_checkpoint(out / "last" / "ema")
+    raw, _ = load_checkpoint(out / "last" / "model")
+    assert any(not torch.equal(a, b) for a, b in zip(
+        saved_ema.parameters(), raw.parameters(), strict=True))
+    best, meta = load_checkpoint(out / "best")
+    if meta["step"] == 3:  # best (when the last step) is the average, not the raw weights
+        for (k, a), b in zip(best.state_dict().items(), saved_ema.state_dict().values(),
+                             strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
 def test_cli_bf16_run_with_nan_gradients_goes_on_in_fp32_and_says_so(fake_data, tmp_path,
                                                                      capsys, monkeypatch):
     real = train_mod.train_step
