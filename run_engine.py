@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "track needs 2 detections in a row)")
     model.add_argument("--update-every", type=float, default=1.0, metavar="S",
                        help="seconds of video between track updates, i.e. new object and "
-                            "motion features for the separator (default 1)")
+                            "motion features for the separator (default 1); a newly "
+                            "confirmed track goes out at once")
     model.add_argument("--score-threshold", type=float, default=None,
                        help="detector score a track needs (default: the bundle's)")
     run = ap.add_argument_group("running")

@@ -166,7 +166,9 @@ def onnx_providers(device: str) -> list[str]:
 
 
 class Detector(Node):
-    """VideoFrames in; a tracks VisionUpdate out every ``interval_s`` of video time.
+    """VideoFrames in; a tracks VisionUpdate out every ``interval_s`` of video time, and at
+once when a track is confirmed that the last update did not carry (a player who comes into
+view gets an output from that detection on, not up to ``interval_s`` later).
 
     The update has ``labels`` ("violin#1"), ``track_ids``, ``boxes`` (N, 4) in the frame's
     pixels and ``arrays`` "class_ids" (N,) int64, "scores" (N,), "missed" (N,) int64 (latest
@@ -212,6 +214,7 @@ class Detector(Node):
         self._last_detect_ns: int | None = None
         self._detections = 0
         self._dropped: list[str] = []  # labels dropped since the last update went out
+        self._sent_ids: set[int] = set()  # the tracks the last update carried
 
     def start(self) -> None:
         """Load the bundle's detector into onnxruntime."""
@@ -282,9 +285,11 @@ class Detector(Node):
         if self._last_ns is None:
             if self._detections < self.min_hits:  # a track needs min_hits detections first
                 return
-        elif msg.pts_ns - self._last_ns < self.interval_s * 1e9 * 0.95:
+        elif (msg.pts_ns - self._last_ns < self.interval_s * 1e9 * 0.95
+              and {t.track_id for t in tracks} <= self._sent_ids):
             return
         self._last_ns = msg.pts_ns
+        self._sent_ids = {t.track_id for t in tracks}
         self.counters["updates"] += 1
         yield "tracks", self.tracks_update(msg, tracks, self._dropped)
         self._dropped = []

@@ -144,6 +144,35 @@ def test_a_track_dropped_between_updates_is_reported_in_the_next(tmp_path: Path)
     assert [u.info["dropped"] for u in updates] == [[], [], ["violin#1"]]
 
 
+def test_a_newly_confirmed_track_goes_out_at_once(tmp_path: Path) -> None:
+    """A flute that comes into view at 0.5 s is confirmed at 0.75 s (2 detections): an update
+    goes out then, not at the next periodic one (1.25 s); the period restarts from it. A drop
+    alone waits for the period."""
+    bundle = make_random_bundle(tmp_path / "b")
+    node = Detector(bundle=str(bundle.path), interval_s=1.0, detect_every_s=0.25,
+                    max_missed_s=0.5)
+    violin = (np.array([[8, 6, 32, 54]], np.float32), np.array([11]), np.ones(1, np.float32))
+    both = (np.array([[8, 6, 32, 54], [48, 6, 72, 54]], np.float32), np.array([11, 6]),
+            np.ones(2, np.float32))
+    frames = [VideoFrame(stream="video", pts_ns=int(i * 0.125e9),
+                         image=np.zeros((60, 80, 3), np.uint8)) for i in range(28)]
+    node.start()
+    # violin throughout; the flute from 0.5 s until 2.0 s (dropped after 0.5 s of misses)
+    node.detect = lambda image: both if 500_000_000 <= pts[0] <= 2_000_000_000 else violin
+    updates = []
+    try:
+        for f in frames:
+            pts = [f.pts_ns]
+            updates += [m for _, m in node.handle("video", f)]
+    finally:
+        node.stop()
+    assert [u.pts_ns for u in updates] == [250_000_000, 750_000_000, 1_750_000_000,
+                                           2_750_000_000]
+    assert [u.labels for u in updates] == [["violin#1"], ["violin#1", "flute#1"],
+                                           ["violin#1", "flute#1"], ["violin#1"]]
+    assert [u.info["dropped"] for u in updates] == [[], [], [], ["flute#1"]]
+
+
 def test_detector_refuses_bad_settings() -> None:
     with pytest.raises(ValueError, match="device 'tpu'"):
         Detector(bundle="x", device="tpu")
