@@ -20,6 +20,8 @@ Before tracking, detections of *different* classes on one object (IoU >= ``class
 keep only the highest score: the detector's NMS is per class, so one player otherwise comes back
 as flute + violin + horn on the same box, each opening a track and a separated output that all
 carry the same source (or, on a neighbour's box, the neighbour's sound under the wrong class).
+Likewise a box of the *same* class lying mostly inside a better one (``NESTED_COVER``) is
+dropped: a second peak on one player would open a second track of its class.
 """
 
 from __future__ import annotations
@@ -35,19 +37,28 @@ import numpy as np
 
 from engine.messages import EndOfStream, Message, VideoFrame, VisionUpdate
 from engine.node import Node, Outputs
-from models.boxes import box_iou
+from models.boxes import box_cover, box_iou
 
 DEVICES = ("auto", "cpu", "cuda")
+# A same-class box this much inside a better one is the same player: the heatmap can peak
+# twice on one object (a saxophone glyph wider than its player gave a second, narrower box,
+# IoU ~0.5 but 97 % inside, that opened a saxophone#2 carrying part of the first's sound).
+NESTED_COVER = 0.8
 
 
-def suppress_cross_class(boxes: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
-                         iou_threshold: float) -> np.ndarray:
+def suppress_duplicates(boxes: np.ndarray, class_ids: np.ndarray, scores: np.ndarray,
+                        iou_threshold: float, nested: float = NESTED_COVER) -> np.ndarray:
     """Indices of the detections (boxes (K, 4), class_ids (K,), scores (K,)) that survive a
-    class-agnostic NMS at ``iou_threshold``, best score first -> (K',) int64."""
+    class-agnostic NMS at ``iou_threshold`` and, within a class, the removal of boxes lying
+    inside a better one (``nested`` of the smaller box covered), best score first ->
+    (K',) int64."""
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     for i in order.tolist():
         if keep and box_iou(boxes[keep], boxes[i:i + 1]).max() >= iou_threshold:
+            continue
+        same = [k for k in keep if class_ids[k] == class_ids[i]]
+        if same and box_cover(boxes[same], boxes[i:i + 1]).max() >= nested:
             continue
         keep.append(i)
     return np.array(keep, np.int64)
@@ -257,8 +268,8 @@ view gets an output from that detection on, not up to ``interval_s`` later).
             self.counters["unknown_class"] += int((~valid).sum())
         keep = np.flatnonzero(valid & (scores >= self.score_threshold))
         boxes, class_ids, scores = boxes[keep], class_ids[keep], scores[keep]
-        best = suppress_cross_class(boxes, class_ids, scores, self.class_iou_threshold)
-        self.counters["cross_class_suppressed"] += len(keep) - len(best)
+        best = suppress_duplicates(boxes, class_ids, scores, self.class_iou_threshold)
+        self.counters["duplicates_suppressed"] += len(keep) - len(best)
         return boxes[best].astype(np.float32), class_ids[best], scores[best].astype(np.float32)
 
     def handle(self, port: str, msg: Message) -> Outputs:
