@@ -178,8 +178,8 @@ def onnx_providers(device: str) -> list[str]:
 
 class Detector(Node):
     """VideoFrames in; a tracks VisionUpdate out every ``interval_s`` of video time, and at
-once when a track is confirmed that the last update did not carry (a player who comes into
-view gets an output from that detection on, not up to ``interval_s`` later).
+    once when a track is confirmed that the last update did not carry (a player who comes into
+    view gets an output from that detection on, not up to ``interval_s`` later).
 
     The update has ``labels`` ("violin#1"), ``track_ids``, ``boxes`` (N, 4) in the frame's
     pixels and ``arrays`` "class_ids" (N,) int64, "scores" (N,), "missed" (N,) int64 (latest
@@ -293,14 +293,15 @@ view gets an output from that detection on, not up to ``interval_s`` later).
         for t in dropped:
             print(f"[{self.name}] track {t.label} dropped at {msg.pts_ns / 1e9:.2f} s", flush=True)
         self._dropped += [t.label for t in dropped]  # detections between updates drop too
+        ids = {t.track_id for t in tracks}
         if self._last_ns is None:
             if self._detections < self.min_hits:  # a track needs min_hits detections first
                 return
         elif (msg.pts_ns - self._last_ns < self.interval_s * 1e9 * 0.95
-              and {t.track_id for t in tracks} <= self._sent_ids):
+              and ids <= self._sent_ids):
             return
         self._last_ns = msg.pts_ns
-        self._sent_ids = {t.track_id for t in tracks}
+        self._sent_ids = ids
         self.counters["updates"] += 1
         yield "tracks", self.tracks_update(msg, tracks, self._dropped)
         self._dropped = []
