@@ -39,10 +39,15 @@ OBJ_MARGIN = 0.1
 MOTION_MARGIN = 0.25  # a still crop must hold the instrument's swing
 
 
+def object_frame_ids(n_frames: int) -> list[int]:
+    """The OBJ_FRAMES 1-based frames, evenly inside the clip, whose object features are pooled."""
+    return np.linspace(1, n_frames, OBJ_FRAMES + 2)[1:-1].round().astype(int).tolist()
+
+
 def track_crops(frames_dir: Path, track: np.ndarray, n_frames: int) -> tuple[np.ndarray,
                                                                               np.ndarray]:
     """All-frame motion crops (n_frames, MC, MC, 3) and OBJ_FRAMES object crops of a track."""
-    obj_ids = set(np.linspace(1, n_frames, OBJ_FRAMES + 2)[1:-1].round().astype(int).tolist())
+    obj_ids = set(object_frame_ids(n_frames))
     # The tube is cut at the track's median box, as the engine's detector refreshes its box
     # only every ~1 s: the instrument's own movement stays visible inside a still crop.
     still = np.median(track, axis=0)
@@ -67,8 +72,9 @@ def loudness_target(clip: Clip, n_frames: int, fps: float) -> np.ndarray:
 
 
 def pretrain_object(enc: ObjectEncoder, crops: np.ndarray, labels: np.ndarray, steps: int,
-                    batch: int, rng: np.random.Generator) -> float:
-    """Classifier pretraining; returns the last-50-step training accuracy."""
+                    batch: int, rng: np.random.Generator) -> tuple[float, nn.Linear]:
+    """Classifier pretraining; returns the last-50-step training accuracy and the classifier
+    head (for a held-out accuracy)."""
     head = nn.Linear(enc.kwargs["obj_dim"], len(class_names()))
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-3)
     enc.train()
@@ -88,7 +94,7 @@ def pretrain_object(enc: ObjectEncoder, crops: np.ndarray, labels: np.ndarray, s
         if step % 20 == 0:
             print(f"object step {step} loss {loss.item():.3f} acc {np.mean(accs[-20:]):.2f}",
                   flush=True)
-    return float(np.mean(accs[-50:]))
+    return float(np.mean(accs[-50:])), head
 
 
 def pretrain_motion(enc: MotionEncoder, tubes: list[np.ndarray], targets: list[np.ndarray],
@@ -254,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         obj_x = np.concatenate([crops[f"train/{c.clip_id}"][1] for c in train])
         obj_y = np.concatenate([[names.index(c.class_name)] * OBJ_FRAMES for c in train])
         obj_enc = ObjectEncoder(obj_dim=512)
-        obj_acc = pretrain_object(obj_enc, obj_x, obj_y, args.obj_steps, min(24, len(obj_x)),
-                                  rng)
+        obj_acc, _ = pretrain_object(obj_enc, obj_x, obj_y, args.obj_steps,
+                                     min(24, len(obj_x)), rng)
         save_checkpoint(args.encoders_out / "object_encoder", obj_enc.eval(),
                         meta | {"train_accuracy": obj_acc})
     if args.motion_encoder is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from scipy.io import wavfile
 
 from training import synth
@@ -300,3 +301,42 @@ def test_detector_cli_refuses_bad_arguments_in_one_line(argv, message, tmp_path,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
+
+
+@needs_assets
+def test_frame_features_are_whole_frame_features_in_the_crop_layout(tiny, tmp_path):
+    """training.frame_features writes, for every solo clip, the frame classifier's feature of
+    the clip's whole frames (boxes play no part) beside the crop cache's own motion tokens, in
+    the layout train.py and evaluate.py read."""
+    from models.checkpoint import load_checkpoint
+    from models.features import normalise
+    from training import encoders, frame_features
+    from training.music_data import MusicIndex
+
+    data, _ = tiny
+    crops, frames = tmp_path / "crops", tmp_path / "frames"
+    assert encoders.main(["--data", str(data), "--features", str(crops), "--encoders-out",
+                          str(tmp_path / "enc"), "--obj-steps", "2", "--motion-steps", "2"]) == 0
+    assert frame_features.main(["--data", str(data), "--out", str(frames), "--crop-features",
+                                str(crops), "--encoder-out", str(tmp_path / "fenc"),
+                                "--steps", "2", "--size", "48"]) == 0
+    enc, meta = load_checkpoint(tmp_path / "fenc" / "object_encoder")
+    assert meta["frame_size"] == 48 and 0.0 <= meta["val_clip_accuracy"] <= 1.0
+    for split in ("train", "val", "test"):
+        for clip in MusicIndex.from_csv(data / f"{split}.csv"):
+            stem = Path(clip.class_name) / clip.clip_id
+            obj = np.load(f"{frames / 'gt' / stem}.obj.npy")
+            with torch.no_grad():
+                want = enc(normalise(frame_features.frame_stack(clip, 48))[None])[0].numpy()
+            np.testing.assert_allclose(obj, want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(np.load(f"{frames / 'gt' / stem}.motion.npy"),
+                                          np.load(f"{crops / 'gt' / stem}.motion.npy"))
+    assert not (frames / "det").exists()  # the crop cache has no detector-named stems
+
+
+def test_frame_features_refuse_a_missing_crop_cache(tmp_path, capsys):
+    from training import frame_features
+
+    with pytest.raises(SystemExit) as e:
+        frame_features.main(["--data", str(tmp_path), "--out", str(tmp_path / "f")])
+    assert e.value.code == 2 and "training.encoders" in capsys.readouterr().err
