@@ -5,10 +5,11 @@ and every trained checkpoint with ground-truth-named and detector-named queries.
     python -m training.evaluate --data data/synth --ckpt sop=runs/sop/best \
         --ckpt iquery=runs/iquery/best --out results/
 
-Each row is cached as <out>/rows/<row>.json (delete it to recompute); <out>/results.json and
-<out>/results.md gather every row. Long clips are separated by training.separate (windows of
-n_frames, 50% overlap). `--pairs-from train` scores pairs of training clips instead of the
-test pairs (ground-truth-named only): with the test rows beside it, the generalisation gap.
+Each row is cached as <out>/rows/<row>.json (delete it to recompute), with every source's own
+scores ("per_source"); <out>/results.json and <out>/results.md gather every row's means. Long
+clips are separated by training.separate (windows of n_frames, 50% overlap). `--pairs-from
+train` scores pairs of training clips instead of the test pairs (ground-truth-named only):
+with the test rows beside it, the generalisation gap.
 """
 
 from __future__ import annotations
@@ -199,14 +200,18 @@ def model_estimates(model: torch.nn.Module, item: Item, naming: str, names: list
 
 # --------------------------------------------------------------------------------- scoring
 def score_row(items: list[Item], estimate: Callable[[Item], np.ndarray]) -> dict:
-    sdr, sir, sar = [], [], []
+    """Mean SDR / SIR / SAR over every source of `items`, and "per_source": [item name, class,
+    SDR, SIR, SAR] for each (kept in the row cache, for breakdowns)."""
+    sdr, sir, sar, per_source = [], [], [], []
     for it in items:
         m = bss_eval(it["refs"], estimate(it))
         sdr += m["sdr"].tolist()
         sir += m["sir"].tolist()
         sar += m["sar"].tolist()
+        per_source += [[it["name"], c, *(float(m[k][j]) for k in ("sdr", "sir", "sar"))]
+                       for j, c in enumerate(it["classes"])]
     return {"sdr": float(np.mean(sdr)), "sir": float(np.mean(sir)), "sar": float(np.mean(sar)),
-            "sdr_median": float(np.median(sdr)), "n_sources": len(sdr)}
+            "sdr_median": float(np.median(sdr)), "n_sources": len(sdr), "per_source": per_source}
 
 
 def to_markdown(results: dict) -> str:
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = score_row(items, fn)
                 row["seconds"] = round(time.time() - t0, 1)
                 cache.write_text(json.dumps(row) + "\n")
-            results[part][label] = row
+            results[part][label] = {k: v for k, v in row.items() if k != "per_source"}
             print(f"{part:9s} {label:55s} SDR {row['sdr']:6.2f} SIR {row['sir']:6.2f} "
                   f"SAR {row['sar']:6.2f}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

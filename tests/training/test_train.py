@@ -208,7 +208,7 @@ def test_irm_beats_mixture_and_table_shape():
     rng = np.random.default_rng(0)
     t = np.arange(22050) / 11025
     refs = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * rng.standard_normal(len(t))])
-    item = {"refs": refs, "mix": refs.sum(0)}
+    item = {"name": "tone+noise", "classes": ["flute", "drum"], "refs": refs, "mix": refs.sum(0)}
     rows = {"Mixture": score_row([item], lambda it: np.stack([it["mix"]] * 2)),
             "IRM": score_row([item], irm), "IRM grid": score_row([item], irm_grid)}
     assert rows["IRM"]["sdr"] > rows["Mixture"]["sdr"] + 5
@@ -218,6 +218,10 @@ def test_irm_beats_mixture_and_table_shape():
     fine = score_row([item], lambda it: irm_grid(it, 512))
     assert fine["sdr"] > rows["IRM grid"]["sdr"]
     assert rows["IRM"]["n_sources"] == 2
+    per = rows["IRM"]["per_source"]  # each source's own scores, in the item's class order
+    assert [p[:2] for p in per] == [["tone+noise", "flute"], ["tone+noise", "drum"]]
+    assert np.mean([p[2] for p in per]) == pytest.approx(rows["IRM"]["sdr"])
+    assert per[0][2] != per[1][2]
     md = to_markdown({"pairs": rows, "ensembles": {}, "n_pairs": 1, "n_ensembles": 0,
                       "seconds": 2.0})
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
