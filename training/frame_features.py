@@ -85,31 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     clips = {s: list(MusicIndex.from_csv(args.data / f"{s}.csv")) for s in ("train", "val",
                                                                               "test")}
-    frames = {(s, c.clip_id): frame_stack(c, args.size)
-              for s, cl in clips.items() for c in tqdm(cl, desc=f"frames {s}", leave=False)}
+    frames = [(s, c, frame_stack(c, args.size))
+              for s, cl in clips.items() for c in tqdm(cl, desc=f"frames {s}", leave=False)]
     print(f"read {len(frames)} clips' frames in {time.time() - t0:.0f} s", flush=True)
 
-    x = np.concatenate([frames["train", c.clip_id] for c in clips["train"]])
-    y = np.concatenate([[names.index(c.class_name)] * len(frames["train", c.clip_id])
-                        for c in clips["train"]])
+    x = np.concatenate([f for s, _, f in frames if s == "train"])
+    y = np.concatenate([[names.index(c.class_name)] * len(f) for s, c, f in frames
+                        if s == "train"])
     enc = ObjectEncoder(obj_dim=512)
     acc, head = pretrain_object(enc, x, y, args.steps, min(24, len(x)), rng)
     enc.eval()
     with torch.no_grad():  # held out: is the frame classifier a fair visual front end?
-        hits = [int(head(enc(normalise(frames["val", c.clip_id])[:, None])).argmax(1).mode()
-                    .values) == names.index(c.class_name) for c in clips["val"]]
+        hits = [int(head(enc(normalise(f)[:, None])).argmax(1).mode().values)
+                == names.index(c.class_name) for s, c, f in frames if s == "val"]
     val_acc = float(np.mean(hits))
     print(f"frame classifier: training accuracy {acc:.3f}, val clips {val_acc:.3f}", flush=True)
     meta = {"data": str(args.data), "frame_size": args.size, "train_accuracy": acc,
             "val_clip_accuracy": val_acc,
             "command": "python -m training.frame_features " + " ".join(sys.argv[1:])}
-    save_checkpoint(args.encoder_out / "object_encoder", enc.eval(), meta)
+    save_checkpoint(args.encoder_out / "object_encoder", enc, meta)
 
     with torch.no_grad():
-        for (split, clip_id), stack in tqdm(frames.items(), desc="features", leave=False):
-            clip = next(c for c in clips[split] if c.clip_id == clip_id)
+        for split, clip, stack in tqdm(frames, desc="features", leave=False):
             obj = enc(normalise(stack)[None])[0].numpy()
-            stem = Path(clip.class_name) / clip_id
+            stem = Path(clip.class_name) / clip.clip_id
             copy_stem(crop_feats / "gt" / stem, args.out / "gt" / stem, obj, ("motion",))
             if split == "test" and Path(f"{crop_feats / 'det' / stem}.motion.npy").is_file():
                 copy_stem(crop_feats / "det" / stem, args.out / "det" / stem, obj,
