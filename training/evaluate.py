@@ -202,15 +202,13 @@ def model_estimates(model: torch.nn.Module, item: Item, naming: str, names: list
 def score_row(items: list[Item], estimate: Callable[[Item], np.ndarray]) -> dict:
     """Mean SDR / SIR / SAR over every source of `items`, and "per_source": [item name, class,
     SDR, SIR, SAR] for each (kept in the row cache, for breakdowns)."""
-    sdr, sir, sar, per_source = [], [], [], []
+    per_source = []
     for it in items:
         m = bss_eval(it["refs"], estimate(it))
-        sdr += m["sdr"].tolist()
-        sir += m["sir"].tolist()
-        sar += m["sar"].tolist()
         per_source += [[it["name"], c, *(float(m[k][j]) for k in ("sdr", "sir", "sar"))]
                        for j, c in enumerate(it["classes"])]
-    return {"sdr": float(np.mean(sdr)), "sir": float(np.mean(sir)), "sar": float(np.mean(sar)),
+    sdr, sir, sar = np.array([p[2:] for p in per_source]).T
+    return {"sdr": float(sdr.mean()), "sir": float(sir.mean()), "sar": float(sar.mean()),
             "sdr_median": float(np.median(sdr)), "n_sources": len(sdr), "per_source": per_source}
 
 
