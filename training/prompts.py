@@ -14,9 +14,10 @@ separator's recipe, docs/RESULTS.md section 15), then fine-tune and score:
         --ckpt models/checkpoints/cpu/separator --out runs/random_queries
 
 Fine-tuning draws Mix-and-Separate examples that always hold one held-out class (the others
-random); a held-out class is named by its new prompt id, every other class keeps its id. Both
-modes add the prompt rows (so both name the new class the same way); `prompt` trains only
-them (every other parameter frozen, batch norms in eval mode), `full` trains everything.
+random); a held-out class is named by its new prompt id, every other class keeps its id. Every
+mode adds the prompt rows (so all name the new class the same way); `prompt` trains only
+them (every other parameter frozen, batch norms in eval mode), `full` trains everything;
+`decoder` and `unet` train the rows plus one half of the network (a diagnostic, section 28).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ from training.train import (
     validate,
 )
 
-MODES = ("prompt", "full")
+# What trains besides the new prompt rows. `decoder` and `unet` split the network in two (the
+# query side, and the audio U-Net whose per-pixel embeddings the masks are read from), to see
+# which half lacks what the held-out classes need when prompt-only falls short.
+MODES = ("prompt", "decoder", "unet", "full")
 
 
 class HeldOutSampler(MixSampler):
@@ -80,15 +84,18 @@ class HeldOutSampler(MixSampler):
 
 
 def prepare(model: nn.Module, n_new: int, mode: str) -> list[int]:
-    """Add n_new prompt queries; `prompt` leaves only them trainable, `full` unfreezes all.
-    Returns the new query ids."""
+    """Add n_new prompt queries; `prompt` leaves only them trainable, `decoder` also everything
+    outside the audio U-Net, `unet` also the U-Net, `full` everything. Returns the new ids."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
     new_ids = model.add_prompts(n_new)
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.prompt_tuning = False
+    if mode != "prompt":
+        for name, p in model.named_parameters():
+            in_unet = name.startswith("unet.")
+            if mode == "full" or (mode == "unet") == in_unet:
+                p.requires_grad_(True)
+        # The batch norms (all in the U-Net) follow their layers: they train unless frozen.
+        model.prompt_tuning = mode == "decoder"
         model.train(model.training)
     return new_ids
 
@@ -102,8 +109,8 @@ def trainable_fraction(model: nn.Module) -> tuple[int, int]:
 def make_finetune_optimizers(model: nn.Module, mode: str, lr_prompt: float,
                              lr_transformer: float, lr_audio: float
                              ) -> list[torch.optim.Optimizer]:
-    """`prompt`: Adam (no weight decay) on the prompt rows only; `full`: train.py's optimizers
-    (the prompt rows then sit with the transformer)."""
+    """`prompt`: Adam (no weight decay) on the prompt rows only; the other modes: train.py's
+    optimizers over what trains (the prompt rows then sit with the transformer)."""
     if mode == "prompt":
         params = [p for p in model.parameters() if p.requires_grad]
         return [torch.optim.Adam(params, lr=lr_prompt)]
@@ -284,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--init", type=Path, required=True, help="pre-trained checkpoint stem")
     ft.add_argument("--classes", required=True, help="held-out class names, comma-separated")
     ft.add_argument("--mode", choices=MODES, default="prompt",
-                    help="prompt: train only the new query rows; full: the whole network "
-                         "(default %(default)s)")
+                    help="prompt: train only the new query rows; full: the whole network; "
+                         "decoder / unet: the rows plus everything outside / inside the audio "
+                         "U-Net (a diagnostic split) (default %(default)s)")
     ft.add_argument("--out", type=Path, required=True,
                     help="folder for best.safetensors/.json and summary.json")
     ft.add_argument("--minutes", type=float, default=None,
@@ -302,9 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="Adam LR of the new rows (prompt mode) (default %(default)s; chosen "
                          "on val in docs/RESULTS.md section 17; sections 7 and 15 ran 3e-3)")
     ft.add_argument("--lr-transformer", type=float, default=3e-4,
-                    help="AdamW LR of the transformer (full mode) (default %(default)s)")
+                    help="AdamW LR of the transformer and query side (full, decoder, unet "
+                         "modes) (default %(default)s)")
     ft.add_argument("--lr-audio", type=float, default=1e-3,
-                    help="Adam LR of the audio U-Net (full mode) (default %(default)s)")
+                    help="Adam LR of the audio U-Net (full, unet modes) (default %(default)s)")
     ft.add_argument("--val-every", type=int, default=150,
                     help="steps between validations (the best is kept) (default %(default)s)")
     ft.add_argument("--val-mixtures", type=int, default=32,

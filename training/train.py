@@ -223,7 +223,9 @@ def make_optimizers(model: nn.Module, lr_transformer: float, lr_audio: float
              else rest).append(p)
     if isinstance(net, MotionEndToEnd):  # a visual network: Adam, as the paper's "rest"
         audio += [p for p in net.motion_encoder.parameters() if p.requires_grad]
-    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(audio, lr=lr_audio)]
+    opts: list[torch.optim.Optimizer] = []
+    if audio:  # empty when the U-Net is frozen (prompts' `decoder` mode)
+        opts.append(torch.optim.Adam(audio, lr=lr_audio))
     if rest:
         opts.append(torch.optim.AdamW(rest, lr=lr_transformer, weight_decay=1e-4))
     return opts

@@ -72,6 +72,21 @@ def test_full_finetuning_moves_the_network():
     assert trainable_fraction(model)[0] == trainable_fraction(model)[1]
 
 
+@pytest.mark.parametrize("mode", ["decoder", "unet"])
+def test_split_modes_move_only_their_half(mode):
+    model, before, _, before_prompt = run_steps(mode, n_steps=2)
+    after = model.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    in_unet = {k for k in moved if k.startswith("unet.")}
+    if mode == "decoder":  # the U-Net, its batch-norm statistics included, stays as it was
+        assert not in_unet and "mask_mlp.0.weight" in moved
+    else:
+        assert in_unet and moved == in_unet
+    assert not torch.allclose(after["prompt_embeds.0"], before_prompt)
+    n_train, n_all = trainable_fraction(model)
+    assert 32 < n_train < n_all
+
+
 def test_derangement_moves_every_id():
     p = derangement(12, seed=0)
     assert sorted(p) == list(range(12)) and all(a != b for a, b in enumerate(p))
