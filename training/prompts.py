@@ -242,6 +242,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         t0 = time.time()
         row = evaluate_heldout(model, items, names, _prompt_map(meta, names), held)
         row["seconds"] = round(time.time() - t0, 1)
+        # What was fine-tuned and how much of it, for scripts/prompt_budget_plot.py.
+        row["checkpoint"] = str(stems[0])
+        row |= {k: meta[k] for k in ("mode", "trainable", "total") if k in meta}
         results["rows"][label] = row
         print(f"{label:30s} held-out SDR {row['held_out']['sdr']:6.2f} (n {row['held_out']['n']})"
               f"  all SDR {row['all']['sdr']:6.2f}", flush=True)
