@@ -28,9 +28,9 @@ def collect(paths: list[Path], ref: str) -> list[dict]:
         if ref in r["rows"]:
             refs[tuple(r["held_out"])] = r["rows"][ref]["held_out"]["sdr"]
     points, seen = [], set()
-    for path, r in zip(paths, results, strict=True):
+    for r in results:
         held = tuple(r["held_out"])
-        for label, row in r["rows"].items():
+        for row in r["rows"].values():
             if "mode" not in row:
                 continue  # a pre-trained or fully trained row, or one scored before modes were kept
             if held not in refs:
@@ -42,8 +42,7 @@ def collect(paths: list[Path], ref: str) -> list[dict]:
             sdr = row["held_out"]["sdr"]
             points.append({"held_out": list(held), "mode": row["mode"],
                            "fraction": row["trainable"] / row["total"], "sdr": sdr,
-                           "share": sdr / refs[held], "checkpoint": row["checkpoint"],
-                           "file": str(path), "label": label})
+                           "share": sdr / refs[held], "checkpoint": row["checkpoint"]})
     return points
 
 
