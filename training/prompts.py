@@ -18,6 +18,8 @@ random); a held-out class is named by its new prompt id, every other class keeps
 mode adds the prompt rows (so all name the new class the same way); `prompt` trains only
 them (every other parameter frozen, batch norms in eval mode), `full` trains everything;
 `decoder` and `unet` train the rows plus one half of the network (a diagnostic, section 28).
+`--rows R` (a variant beside the paper's one row per class, section 29) gives each held-out
+class R prompt rows whose masks are joined (RowUnion).
 """
 
 from __future__ import annotations
@@ -83,6 +85,40 @@ class HeldOutSampler(MixSampler):
         return self.stack(rows, ids)
 
 
+class RowUnion(nn.Module):
+    """R prompt rows per held-out class instead of one (a variant, not the paper's method).
+
+    A slot named by a held-out class's primary id (the first of its R consecutive rows) is
+    decoded as R queries, one per row, and its mask is their union 1 - prod_r (1 - m_r): R
+    directions in the frozen U-Net's per-pixel embedding instead of one, for a class that one
+    direction does not cover. Every other slot keeps one query (its extra copies are padded,
+    so they take no part in the queries' self-attention). Same call as IQuery.forward."""
+
+    def __init__(self, model: nn.Module, primary_ids: list[int], rows: int) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.model, self.rows = model, rows
+        self.n_rows, self.n_frames = model.n_rows, model.n_frames
+        device = next(model.parameters()).device
+        self.register_buffer("primary", torch.tensor(primary_ids, dtype=torch.long,
+                                                     device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor, obj_feats: torch.Tensor, class_ids: torch.Tensor,
+                motion: torch.Tensor, motion_pad: torch.Tensor, query_pad: torch.Tensor
+                ) -> torch.Tensor:
+        r = self.rows
+        b, q = class_ids.shape
+        multi = torch.isin(class_ids, self.primary) & ~query_pad  # (B, Q)
+        offset = torch.arange(r, device=class_ids.device)
+        ids = class_ids[:, :, None] + offset * multi[:, :, None]  # (B, Q, R)
+        pad = query_pad[:, :, None] | ((offset > 0) & ~multi[:, :, None])
+        masks = self.model(x, obj_feats.repeat_interleave(r, 1), ids.flatten(1),
+                           motion.repeat_interleave(r, 1), motion_pad.repeat_interleave(r, 1),
+                           pad.flatten(1))  # (B, Q * R, F, T); padded copies are zero
+        return 1 - torch.prod(1 - masks.unflatten(1, (q, r)), dim=2)
+
+
 def prepare(model: nn.Module, n_new: int, mode: str) -> list[int]:
     """Add n_new prompt queries; `prompt` leaves only them trainable, `decoder` also everything
     outside the audio U-Net, `unet` also the U-Net, `full` everything. Returns the new ids."""
@@ -136,20 +172,26 @@ def finetune(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown class {c!r}; choose from {names}")
     model, meta0 = load_checkpoint(args.init)
     model = model.to(device)
-    new_ids = prepare(model, len(held), args.mode)
+    # Each held-out class gets args.rows consecutive rows, named by the first of them.
+    new_ids = prepare(model, len(held) * args.rows, args.mode)[::args.rows]
     id_map = {names.index(c): i for c, i in zip(held, new_ids, strict=True)}
-    n_train, n_all = trainable_fraction(model)
-    print(f"{args.mode}: prompt ids {dict(zip(held, new_ids, strict=True))}, trainable "
+    net = model  # what is saved; `model` below is what trains (the row union, if any)
+    if args.rows > 1:
+        model = RowUnion(net, new_ids, args.rows)
+    n_train, n_all = trainable_fraction(net)
+    print(f"{args.mode}: prompt ids {dict(zip(held, new_ids, strict=True))} "
+          f"({args.rows} row(s) each), trainable "
           f"{n_train} / {n_all} = {100 * n_train / n_all:.4f} %", flush=True)
     sampler = HeldOutSampler(remap(load_solo(args.data, "train", names), id_map),
                              model.n_frames, new_ids, n_mix=args.n_mix, seed=args.seed)
     val = HeldOutSampler(remap(load_solo(args.data, "val", names), id_map), model.n_frames,
                          new_ids, n_mix=args.n_mix, seed=12345, gain_db=0.0)
     val_batches = [val.sample(8) for _ in range(args.val_mixtures // 8)]
-    opts = make_finetune_optimizers(model, args.mode, args.lr_prompt, args.lr_transformer,
+    opts = make_finetune_optimizers(net, args.mode, args.lr_prompt, args.lr_transformer,
                                     args.lr_audio)
     base = [[g["lr"] for g in o.param_groups] for o in opts]
-    meta = {"mode": args.mode, "held_out": held, "prompt_ids": new_ids, "init": str(args.init),
+    meta = {"mode": args.mode, "held_out": held, "prompt_ids": new_ids,
+            "rows_per_class": args.rows, "init": str(args.init),
             "trainable": n_train, "total": n_all, "init_meta_step": meta0.get("step"),
             "n_mix": args.n_mix, "precision": precision,
             "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
@@ -183,7 +225,7 @@ def finetune(args: argparse.Namespace) -> int:
                   f"({time.time() - t0:.0f} s)", flush=True)
             if v["sdr"] > best:
                 best = v["sdr"]
-                save_checkpoint(args.out / "best", model, meta | {"step": step, "val": v})
+                save_checkpoint(args.out / "best", net, meta | {"step": step, "val": v})
     (args.out / "summary.json").write_text(json.dumps(
         meta | {"steps": step, "elapsed": time.time() - t0, "best_sdr": best,
                 "history": history}, indent=1) + "\n")
@@ -238,13 +280,16 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         if len(stems) != 1:  # the prompt map is per checkpoint
             raise SystemExit(f"error: --ckpt {spec!r}: one checkpoint per row here")
         model, meta = load_checkpoint(stems[0])
+        if meta.get("rows_per_class", 1) > 1:
+            model = RowUnion(model, meta["prompt_ids"], meta["rows_per_class"])
         model.eval()
         t0 = time.time()
         row = evaluate_heldout(model, items, names, _prompt_map(meta, names), held)
         row["seconds"] = round(time.time() - t0, 1)
         # What was fine-tuned and how much of it, for scripts/prompt_budget_plot.py.
         row["checkpoint"] = str(stems[0])
-        row |= {k: meta[k] for k in ("mode", "trainable", "total") if k in meta}
+        row |= {k: meta[k] for k in ("mode", "trainable", "total", "rows_per_class")
+                if k in meta}
         results["rows"][label] = row
         print(f"{label:30s} held-out SDR {row['held_out']['sdr']:6.2f} (n {row['held_out']['n']})"
               f"  all SDR {row['all']['sdr']:6.2f}", flush=True)
@@ -297,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompt: train only the new query rows; full: the whole network; "
                          "decoder / unet: the rows plus everything outside / inside the audio "
                          "U-Net (a diagnostic split) (default %(default)s)")
+    ft.add_argument("--rows", type=int, default=1,
+                    help="prompt rows per held-out class; > 1 joins their masks (RowUnion: a "
+                         "variant beside the paper's one row) (default %(default)s)")
     ft.add_argument("--out", type=Path, required=True,
                     help="folder for best.safetensors/.json and summary.json")
     ft.add_argument("--minutes", type=float, default=None,
@@ -346,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "finetune" and args.minutes is None and args.steps is None:
         ap.error("give --minutes and/or --steps")
+    if args.cmd == "finetune" and args.rows < 1:
+        ap.error(f"--rows must be >= 1, got {args.rows}")
     if args.cmd == "finetune" and args.n_mix < 2:
         ap.error(f"--n-mix must be >= 2 (one held-out class and the others), got "
                  f"{args.n_mix}")

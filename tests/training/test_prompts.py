@@ -10,6 +10,7 @@ import torch
 from training.mixdata import SoloClip
 from training.prompts import (
     HeldOutSampler,
+    RowUnion,
     derangement,
     main,
     make_finetune_optimizers,
@@ -106,3 +107,64 @@ def test_finetune_cli_refuses_fewer_than_two_sources(tmp_path, capsys):
         main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
               "--classes", "violin", "--steps", "1", "--n-mix", "1", "--out", str(tmp_path)])
     assert "--n-mix must be >= 2" in capsys.readouterr().err
+
+
+def small_inputs(class_ids: list[int], n_frames: int, n_rows: int):
+    torch.manual_seed(1)
+    q = len(class_ids)
+    return (torch.randn(1, 1, n_rows, n_frames), torch.randn(1, q, SMALL["obj_dim"]),
+            torch.tensor([class_ids]), torch.randn(1, q, 4, SMALL["motion_dim"]),
+            torch.zeros(1, q, 4, dtype=torch.bool), torch.zeros(1, q, dtype=torch.bool))
+
+
+def test_row_union_joins_the_rows_of_a_prompt_class():
+    torch.manual_seed(0)
+    model = make_model("iquery", "cpu", **SMALL).eval()
+    ids = prepare(model, 3, "prompt")  # one held-out class, three rows: 6, 7, 8
+    with torch.no_grad():  # rows apart, so that their masks differ
+        model.prompt_embeds[0].add_(torch.randn_like(model.prompt_embeds[0]))
+    x, obj, _, motion, mpad, _ = small_inputs([1, 6], model.n_frames, model.n_rows)
+    # The same queries as the union decodes: class 1 once, each of the prompt's rows once.
+    direct = model(x, obj[:, [0, 1, 1, 1]], torch.tensor([[1, *ids]]), motion[:, [0, 1, 1, 1]],
+                   mpad[:, [0, 1, 1, 1]], torch.zeros(1, 4, dtype=torch.bool))
+    union = RowUnion(model, [ids[0]], 3)(x, obj, torch.tensor([[1, 6]]), motion, mpad,
+                                         torch.zeros(1, 2, dtype=torch.bool))
+    assert union.shape == (1, 2, model.n_rows, model.n_frames)
+    torch.testing.assert_close(union[0, 0], direct[0, 0], atol=1e-5, rtol=1e-5)
+    joined = 1 - (1 - direct[0, 1]) * (1 - direct[0, 2]) * (1 - direct[0, 3])
+    torch.testing.assert_close(union[0, 1], joined, atol=1e-5, rtol=1e-5)
+    assert (union[0, 1] >= direct[0, 1:].amax(0) - 1e-6).all()
+    assert not torch.allclose(direct[0, 1], direct[0, 2])
+    # A padded slot stays silent; one row is the model itself.
+    pad = torch.tensor([[False, True]])
+    assert RowUnion(model, [ids[0]], 3)(x, obj, torch.tensor([[1, 6]]), motion, mpad,
+                                        pad)[0, 1].abs().max() == 0
+    inputs = small_inputs([1, 6], model.n_frames, model.n_rows)
+    torch.testing.assert_close(RowUnion(model, [6], 1)(*inputs), model(*inputs))
+
+
+def test_row_union_finetuning_moves_only_the_prompt_rows():
+    torch.manual_seed(0)
+    model = make_model("iquery", "cpu", **SMALL)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = prepare(model, 2, "prompt")[::2]  # one class, two rows
+    start = model.prompt_embeds[0].detach().clone()
+    union = RowUnion(model, ids, 2)
+    sampler = HeldOutSampler(remap(clips(), {3: ids[0]}), model.n_frames, ids, seed=0)
+    opts = make_finetune_optimizers(model, "prompt", 1e-2, 1e-3, 1e-3)
+    union.train()
+    for _ in range(3):
+        train_step(union, opts, sampler, 2, model.n_rows, torch.device("cpu"))
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"{k} changed"
+    moved = (model.prompt_embeds[0] - start).abs().amax(1)
+    assert (moved > 0).all()  # both rows train
+    assert trainable_fraction(model)[0] == 2 * SMALL["d_model"]
+
+
+def test_finetune_cli_refuses_zero_rows(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
+              "--classes", "violin", "--steps", "1", "--rows", "0", "--out", str(tmp_path)])
+    assert "--rows must be >= 1" in capsys.readouterr().err
