@@ -340,6 +340,15 @@ def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS) -> float:
     return 0.1 ** sum(progress >= s for s in steps)
 
 
+def mix_size(progress: float, n_mix: int, n_mix_final: int | None,
+             steps: tuple[float, ...] = LR_STEPS) -> int:
+    """K of the training mixtures at `progress` (0..1 of the budget): n_mix, then n_mix_final
+    (when given) from the first LR drop on."""
+    if n_mix_final is None or not steps or progress < min(steps):
+        return n_mix
+    return n_mix_final
+
+
 def set_lr(opts: list, base_lrs: list[list[float]], progress: float,
            steps: tuple[float, ...] = LR_STEPS) -> None:
     """Apply the step schedule at `progress` (0..1 of the budget) to every param group."""
@@ -455,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-mix", type=int, default=2,
                     help="K solo clips of different classes per mixture (the paper trains on "
                     "2; the shipped cpu model on 3)")
+    ap.add_argument("--n-mix-final", type=int, default=None, metavar="K",
+                    help="K from the first LR drop on (a curriculum: e.g. --n-mix 3 "
+                         "--n-mix-final 2 trains on three-clip mixtures and finishes on the "
+                         "test's two); validation mixes K clips throughout, so that the best "
+                         "checkpoint is picked on one K (default: --n-mix throughout)")
     ap.add_argument("--lr-transformer", type=float, default=1e-4,
                     help="AdamW LR of the transformer and visual layers (default 1e-4)")
     ap.add_argument("--lr-audio", type=float, default=1e-3,
@@ -539,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lr-steps: comma-separated fractions expected, got {args.lr_steps!r}")
     if any(not 0 < f < 1 for f in args.lr_steps):
         ap.error(f"--lr-steps: every fraction must be in (0, 1), got {args.lr_steps}")
+    if args.n_mix_final is not None and args.n_mix_final < 2:
+        ap.error(f"--n-mix-final must be >= 2, got {args.n_mix_final}")
+    if args.n_mix_final is not None and not args.lr_steps:
+        ap.error("--n-mix-final switches K at the first LR drop: give --lr-steps")
     if args.contrastive_weight < 0:
         ap.error(f"--contrastive-weight must be >= 0, got {args.contrastive_weight}")
     if args.contrastive_weight > 0 and args.model == "sop":
@@ -619,7 +637,10 @@ def train(args: argparse.Namespace) -> int:
     val_clips = [c for c in load_solo(args.data, "val", names, args.features, tubes=tubes)
                  if c.class_name not in excluded]
     sampler = MixSampler(train_clips, n_frames, args.n_mix, seed=args.seed * 1000 + rank)
-    val_sampler = MixSampler(val_clips, n_frames, args.n_mix, seed=12345, gain_db=0.0)
+    k_final = args.n_mix_final or args.n_mix
+    if len({c.class_id for c in train_clips}) < k_final:
+        raise ValueError(f"--n-mix-final {k_final} needs clips of >= {k_final} classes")
+    val_sampler = MixSampler(val_clips, n_frames, k_final, seed=12345, gain_db=0.0)
     val_batches = [val_sampler.sample(min(8, args.val_mixtures - i))
                    for i in range(0, args.val_mixtures, 8)]
     if world > 1:
@@ -642,7 +663,8 @@ def train(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "preset": args.preset,
             "kwargs": sep_kwargs, "lr_steps": list(args.lr_steps),
             "data": str(args.data), "command": "python -m training.train " + " ".join(
-                sys.argv[1:]), "class_names": names, "n_mix": args.n_mix, "batch": args.batch,
+                sys.argv[1:]), "class_names": names, "n_mix": args.n_mix,
+            "n_mix_final": args.n_mix_final, "batch": args.batch,
             "world_size": world, "excluded_classes": excluded,
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
@@ -664,7 +686,9 @@ def train(args: argparse.Namespace) -> int:
             torch.distributed.broadcast(stop, 0)
         if stop.item():
             break
-        set_lr(opts, base_lrs, max(info["step"] / max_steps, elapsed / budget_s), args.lr_steps)
+        progress = max(info["step"] / max_steps, elapsed / budget_s)
+        set_lr(opts, base_lrs, progress, args.lr_steps)
+        sampler.n_mix = mix_size(progress, args.n_mix, args.n_mix_final, args.lr_steps)
         terms: dict[str, float] = {}
         try:
             loss = train_step(model, opts, sampler, args.batch, n_rows, device,
@@ -696,7 +720,7 @@ def train(args: argparse.Namespace) -> int:
             extra = ({"mask_loss": terms["mask"], "contrastive": terms["contrastive"]}
                      if args.contrastive_weight > 0 else {})
             info["history"].append({"step": info["step"], "elapsed": round(info["elapsed"], 1),
-                                    "loss": loss.item()} | extra | v)
+                                    "loss": loss.item(), "n_mix": sampler.n_mix} | extra | v)
             for k, val in v.items():
                 writer.add_scalar(f"val/{k}", val, info["step"])
             nce = f" contrastive {terms['contrastive']:.4f}" if extra else ""

@@ -26,6 +26,7 @@ from training.train import (
     make_model,
     make_optimizers,
     mask_loss,
+    mix_size,
     pick_precision,
     save_state,
     set_lr,
@@ -453,6 +454,12 @@ def test_mask_ensemble_is_the_mean_of_its_members_and_needs_one_grid(one_thread)
         MaskEnsemble([a, other])
 
 
+def test_mix_size_switches_at_the_first_lr_drop_only_when_asked():
+    assert [mix_size(p, 3, 2, (0.8,)) for p in (0.0, 0.79, 0.8, 1.0)] == [3, 3, 2, 2]
+    assert [mix_size(p, 3, 2, (0.4, 0.8)) for p in (0.39, 0.4, 0.9)] == [3, 2, 2]
+    assert [mix_size(p, 3, None, (0.8,)) for p in (0.0, 0.9)] == [3, 3]
+
+
 def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
     steps = (0.4, 0.8)
     assert [lr_factor(p, steps) for p in (0.0, 0.39, 0.4, 0.79, 0.8, 1.0)] == pytest.approx(
@@ -474,6 +481,7 @@ def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
     ("--lr-steps", "0", "--lr-steps"),  # fractions of the budget, in (0, 1)
     ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2"),
     ("--loss-weight", "sdr", "--loss-weight"),
+    ("--n-mix-final", "1", "--n-mix-final must be >= 2"),
     # The cpu preset's U-Net has 6 levels: both axes must halve six times.
     ("--n-frames", "100", "--n-frames must be a positive multiple of 64"),
     ("--n-frames", "0", "--n-frames must be a positive multiple of 64"),

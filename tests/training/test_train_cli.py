@@ -257,3 +257,14 @@ def test_evaluate_pairs_of_training_clips(fake_data, tmp_path, capsys):
     assert res["n_pairs"] == 6 and res["n_ensembles"] == 0
     assert set(res["pairs"]) == {"Ideal ratio mask (oracle)", "m (GT-named)"}
     assert res["pairs"]["Ideal ratio mask (oracle)"]["sdr"] > res["pairs"]["m (GT-named)"]["sdr"]
+
+
+def test_cli_curriculum_switches_k_at_the_first_lr_drop(fake_data, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--steps", "4",
+                 "--val-every", "1", "--val-mixtures", "2", "--n-mix", "3",
+                 "--n-mix-final", "2", "--lr-steps", "0.5", "--out", str(out),
+                 "--no-progress", "--threads", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["n_mix"] for h in summary["history"]] == [3, 3, 2, 2]
+    assert summary["n_mix"] == 3 and summary["n_mix_final"] == 2
