@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         return swap_detector(ap, args.out, args.detector, det_metrics)
     if args.separator is None or args.encoders is None:
         ap.error("--separator and --encoders are needed (or --detector-only)")
-    args.out.mkdir(parents=True, exist_ok=True)
     sep, sep_meta = load_checkpoint(args.separator)
+    if sep_meta.get("rows_per_class", 1) > 1:  # training.prompts finetune --rows
+        ap.error(f"--separator {args.separator}: joins {sep_meta['rows_per_class']} prompt "
+                 "rows per class, which the engine does not; package a one-row checkpoint")
+    args.out.mkdir(parents=True, exist_ok=True)
     obj, obj_meta = load_checkpoint(args.encoders / "object_encoder")
     mot, mot_meta = load_checkpoint(args.encoders / "motion_encoder")
     save_half(args.out / "separator", sep, sep_meta)

@@ -107,8 +107,7 @@ class RowUnion(nn.Module):
     def forward(self, x: torch.Tensor, obj_feats: torch.Tensor, class_ids: torch.Tensor,
                 motion: torch.Tensor, motion_pad: torch.Tensor, query_pad: torch.Tensor
                 ) -> torch.Tensor:
-        r = self.rows
-        b, q = class_ids.shape
+        r, q = self.rows, class_ids.shape[1]
         multi = torch.isin(class_ids, self.primary) & ~query_pad  # (B, Q)
         offset = torch.arange(r, device=class_ids.device)
         ids = class_ids[:, :, None] + offset * multi[:, :, None]  # (B, Q, R)

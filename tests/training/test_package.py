@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from models.checkpoint import save_checkpoint
 from nodes.bundle import write_fixed_detector
 from training.package import main
+from training.train import make_model
 
 
 @pytest.fixture()
@@ -60,3 +62,17 @@ def test_refusals_are_one_line_and_touch_nothing(shipped, case, message, capsys)
     assert e.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert (out / "detector.onnx").read_bytes() == old_onnx
+
+
+def test_a_several_rows_prompt_checkpoint_is_refused_before_anything_is_written(
+        shipped, tmp_path, capsys):
+    _, new, _ = shipped
+    model = make_model("iquery", "cpu", ngf=8, d_model=32, n_heads=2, d_ffn=64)
+    save_checkpoint(tmp_path / "ft", model, {"mode": "prompt", "rows_per_class": 4})
+    out = tmp_path / "pkg"
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--detector", str(new), "--separator", str(tmp_path / "ft"),
+              "--encoders", str(tmp_path / "enc")])
+    assert e.value.code == 2
+    assert "4 prompt rows per class" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
