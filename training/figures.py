@@ -1,15 +1,18 @@
 """Figures for docs/RESULTS.md: a spectrogram / mask panel of one test pair (mixture, each
 source, the ideal ratio mask, a trained separator's mask per query and the separated
 spectrogram it gives), and a t-SNE of learned query embeddings (class rows, spare rows,
-audio-prompt rows), one panel per checkpoint.
+audio-prompt rows), one panel per checkpoint, and the validation curves of training runs
+(val SDR against steps and against minutes; a run in progress is read from its last/ state).
 
     python -m training.figures --data data/synth --ckpt runs/iquery/best --pair 5 --pair 40
     python -m training.figures --tsne runs/iquery/best --tsne runs/prompts/ft_prompt_violin/best
+    python -m training.figures --curves "iQuery=runs/iquery" --curves "SoP=runs/sop"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -120,16 +123,71 @@ def query_tsne(ckpts: list[Path], out: Path, seed: int = 0) -> Path:
     return path
 
 
+def run_history(run: Path) -> list[dict]:
+    """The validation history of a training run folder (training.train --out): summary.json
+    once it has finished, last/train.json while it runs."""
+    for f in (run / "summary.json", run / "last" / "train.json"):
+        if f.is_file():
+            return json.loads(f.read_text())["history"]
+    raise FileNotFoundError(f"{run}: neither summary.json nor last/train.json (not a "
+                            f"training.train --out folder, or no validation yet)")
+
+
+def val_curves(runs: list[tuple[str, Path]], out: Path, name: str = "val_curves.png") -> Path:
+    """Write <out>/<name>: validation SDR against training steps (left) and against wall-clock
+    minutes (right), one line per (label, run folder); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for label, run in runs:
+        hist = run_history(run)
+        steps = [h["step"] for h in hist]
+        sdr = [h["sdr"] for h in hist]
+        line, = by_step.plot(steps, sdr, marker=".", label=label)
+        by_time.plot([h["elapsed"] / 60 for h in hist], sdr, marker=".", color=line.get_color(),
+                     label=label)
+    by_step.set_xlabel("training step")
+    by_time.set_xlabel("wall-clock minutes")
+    for axis in (by_step, by_time):
+        axis.set_ylabel("val SDR (dB)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.suptitle("validation SDR during training (fixed val mixtures, one window each)")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--tsne", type=Path, action="append", default=[],
                     help="checkpoint stem for the query t-SNE panel (repeatable)")
+    ap.add_argument("--curves", action="append", default=[], metavar="LABEL=RUN",
+                    help="training run folder for the validation curves (repeatable)")
+    ap.add_argument("--curves-name", default="val_curves.png",
+                    help="file name of the validation curves figure under --out")
     ap.add_argument("--out", type=Path, default=Path("docs/figures"))
     ap.add_argument("--pair", type=int, action="append", default=None,
                     help="test pair index for the mask panel (repeatable; default 0)")
     args = ap.parse_args(argv)
+    if args.curves:
+        runs = []
+        for spec in args.curves:
+            label, sep, run = spec.partition("=")
+            if not sep or not label or not run:
+                ap.error(f"--curves {spec!r}: expected LABEL=RUN_FOLDER")
+            runs.append((label, Path(run)))
+        try:
+            print(val_curves(runs, args.out, args.curves_name))
+        except FileNotFoundError as e:
+            ap.error(str(e))
     if args.tsne:
         print(query_tsne(args.tsne, args.out))
     if args.ckpt is not None:
@@ -137,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("the mask panel (--ckpt) needs --data")
         for pair in args.pair or [0]:
             print(mask_panel(args.ckpt, args.data, args.out, pair))
-    elif not args.tsne:
-        ap.error("give --ckpt (mask panel) and/or --tsne (query t-SNE)")
+    elif not args.tsne and not args.curves:
+        ap.error("give --ckpt (mask panel), --tsne (query t-SNE) and/or --curves (val curves)")
     return 0
 
 
