@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default="mixture,irm,irm_grid,nmf",
                     help="comma-separated from mixture, irm, irm_grid (the training target on "
                          "the cpu preset's 128-row grid), irm_grid256 (the same on the paper's "
-                         "256 rows), nmf")
+                         "256 rows), irm_grid512 (512 rows, as many as linear bins), nmf")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--pairs-from", default="test", choices=["test", "train", "val"],
                     help="test: the fixed test pairs (default); train / val: 10 pairs per class "
@@ -270,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, Callable[[Item], np.ndarray]]] = []
     base = {"mixture": lambda it: np.stack([it["mix"]] * len(it["refs"])),
             "irm": irm, "irm_grid": irm_grid, "irm_grid256": lambda it: irm_grid(it, 256),
-            "nmf": nmf_oracle}
+            "irm_grid512": lambda it: irm_grid(it, 512), "nmf": nmf_oracle}
     labels = {"mixture": "Mixture", "irm": "Ideal ratio mask (oracle)",
               "irm_grid": "Ideal ratio mask on the cpu model's 128-row grid (oracle)",
               "irm_grid256": "Ideal ratio mask on the paper preset's 256-row grid (oracle)",
+              "irm_grid512": "Ideal ratio mask on a 512-row grid (oracle)",
               "nmf": "NMF, oracle component assignment (upper bound)"}
     for b in filter(None, args.baselines.split(",")):
         if b not in base:
