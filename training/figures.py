@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.curves:
         runs = []
         for spec in args.curves:
-            label, sep, run = spec.partition("=")
+            label, sep, run = spec.rpartition("=")  # as --ckpt: a label may hold "K=3"
             if not sep or not label or not run:
                 ap.error(f"--curves {spec!r}: expected LABEL=RUN_FOLDER")
             runs.append((label, Path(run)))

@@ -23,7 +23,7 @@ def test_curves_read_finished_and_running_runs(tmp_path):
     (done / "last" / "train.json").write_text(json.dumps({"history": []}))
     assert [h["sdr"] for h in figures.run_history(done)] == [1.0, 2.0, 3.0]
     assert [h["step"] for h in figures.run_history(running)] == [1000, 2000]
-    figures.main(["--curves", f"A={done}", "--curves", f"B={running}",
+    figures.main(["--curves", f"K=2={done}", "--curves", f"B={running}",
                   "--out", str(tmp_path / "figs")])
     png = (tmp_path / "figs" / "val_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
