@@ -47,6 +47,7 @@ from training.train import (
     PrecisionGuard,
     make_optimizers,
     pick_precision,
+    retain_freed_memory,
     set_lr,
     train_step,
     validate,
@@ -148,7 +149,7 @@ def make_finetune_optimizers(model: nn.Module, mode: str, lr_prompt: float,
     optimizers over what trains (the prompt rows then sit with the transformer)."""
     if mode == "prompt":
         params = [p for p in model.parameters() if p.requires_grad]
-        return [torch.optim.Adam(params, lr=lr_prompt)]
+        return [torch.optim.Adam(params, lr=lr_prompt, fused=True)]
     return make_optimizers(model, lr_transformer, lr_audio)
 
 
@@ -161,6 +162,7 @@ def finetune(args: argparse.Namespace) -> int:
     """The fine-tuning loop behind `finetune` (wall-time and/or step budget, best by val)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = pick_precision(args.precision, device)

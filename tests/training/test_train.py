@@ -4,6 +4,10 @@ identity for all-ones masks, the evaluation rows have the expected shape, and th
 contrastive loss (InfoNCE between audio-decoded and visual queries) ranks, ignores padding,
 reaches the queries and leaves the plain step untouched at weight 0."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -544,3 +548,39 @@ def test_unknown_loss_weight_is_refused():
     mag_mix, mag_src = _mags()
     with pytest.raises(ValueError, match="unknown loss weight 'sdr'"):
         loss_weight(mag_mix, mag_src, "sdr")
+
+
+
+_ALLOC = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+if {retain}:
+    from training.train import retain_freed_memory
+    assert retain_freed_memory()
+with open("/proc/self/maps") as f:
+    heap = [[int(a, 16) for a in line.split()[0].split("-")] for line in f if "[heap]" in line]
+first = torch.empty(4 << 20)  # 16 MB, an activation of the 256-row step
+print(int(any(lo <= first.data_ptr() < hi for lo, hi in heap) or not heap))
+del first
+for i in range(12):  # allocated and freed, as every training step does
+    if i == 4:  # steady state
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(4 << 20).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+def test_retain_freed_memory_serves_large_blocks_from_the_heap():
+    """glibc's default maps a fresh 16 MB block outside the heap (and unmaps it when freed: the
+    next step faults its pages in again); after retain_freed_memory it comes from the heap, and
+    a block allocated and freed over and over costs no page faults."""
+    root = str(Path(__file__).resolve().parents[2])
+    out = {}
+    for retain in (False, True):
+        res = subprocess.run([sys.executable, "-c", _ALLOC.format(root=root, retain=retain)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        out[retain] = (res[-2] == "1", int(res[-1]))  # (in the heap, steady-state faults)
+    assert not out[False][0], out  # mmapped: the bench_train_step.py slow path
+    assert out[True][0], out
+    assert out[True][1] < 500, out  # 8 x 4096 pages if each block were faulted in again

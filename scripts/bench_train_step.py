@@ -1,0 +1,99 @@
+"""The real Mix-and-Separate step of training/train.py (sampling, STFTs, forward, backward,
+optimizers) under its process-level settings, as ratios in one run: glibc's malloc keeping freed
+memory or not (train.retain_freed_memory), and fused or per-parameter Adam / AdamW.
+
+Each configuration runs in its own fresh process (a malloc setting holds for a whole process),
+and the rounds interleave them, so load from other programs hits every configuration alike.
+The clips are synthetic noise (no dataset needed): the step's cost does not depend on content.
+
+    .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
+        [--threads 2] [--rounds 5] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {  # name -> (retain freed memory, fused optimizers)
+    "malloc default, per-parameter Adam": (False, False),
+    "malloc default, fused Adam": (False, True),
+    "freed memory kept, per-parameter Adam": (True, False),
+    "freed memory kept, fused Adam (train.py)": (True, True),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time `args.steps` training steps after 5 warm-up steps; print the median ms as JSON."""
+    retain, fused = CONFIGS[args.worker]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from training import train
+
+    if retain:
+        train.retain_freed_memory()
+    import numpy as np
+    import torch
+
+    from training.mixdata import MixSampler, SoloClip
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = train.make_model(args.model, "cpu", n_rows=args.n_rows).train()
+    opts = train.make_optimizers(model, 1e-4, 1e-3)
+    if not fused:  # the same optimizers, stepping parameter by parameter
+        opts = [type(o)(o.param_groups[0]["params"], lr=o.defaults["lr"],
+                        weight_decay=o.defaults["weight_decay"]) for o in opts]
+    rng = np.random.default_rng(0)
+    clips = [SoloClip(f"c{i}", f"class{i % 6}", i % 6,
+                      (0.1 * rng.standard_normal(6 * 11025)).astype(np.float32),
+                      rng.standard_normal(512).astype(np.float32),
+                      rng.standard_normal((48, 512)).astype(np.float16)) for i in range(24)]
+    sampler = MixSampler(clips, model.n_frames, args.n_mix, seed=0)
+    device = torch.device("cpu")
+    times = []
+    for i in range(5 + args.steps):
+        t0 = time.perf_counter()
+        train.train_step(model, opts, sampler, 8, model.n_rows, device)
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"ms": 1e3 * statistics.median(times)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="iquery", choices=["iquery", "iquery_nomotion", "sop"])
+    ap.add_argument("--n-rows", type=int, default=256, help="grid rows (default 256, shipped)")
+    ap.add_argument("--n-mix", type=int, default=3, help="clips per mixture (default 3)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per process")
+    ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
+              "--threads", str(args.threads), "--steps", str(args.steps)]
+    print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, batch 8, {args.threads} threads, "
+          f"{args.rounds} rounds x {args.steps} steps; median [min - max] of per-round medians")
+    ms: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for r in range(args.rounds):
+        for name in CONFIGS:
+            out = subprocess.run([sys.executable, __file__, "--worker", name, *common],
+                                 check=True, capture_output=True, text=True).stdout
+            ms[name].append(json.loads(out.strip().splitlines()[-1])["ms"])
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    base = statistics.median(ms[next(iter(CONFIGS))])
+    for name, values in ms.items():
+        med = statistics.median(values)
+        print(f"{name:45s} {med:6.1f} ms [{min(values):6.1f} - {max(values):6.1f}]  "
+              f"x{base / med:.2f}")
+
+
+if __name__ == "__main__":
+    main()
