@@ -7,7 +7,7 @@ and the rounds interleave them, so load from other programs hits every configura
 The clips are synthetic noise (no dataset needed): the step's cost does not depend on content.
 
     .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
-        [--threads 2] [--rounds 5] [--steps 20]
+        [--threads 2] [--rounds 5] [--steps 20] [--warmup 5]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CONFIGS = {  # name -> (retain freed memory, fused optimizers)
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Time `args.steps` training steps after 5 warm-up steps; print the median ms as JSON."""
+    """Time `args.steps` training steps after `args.warmup`; print the median ms as JSON."""
     retain, fused = CONFIGS[args.worker]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from training import train
@@ -56,10 +56,10 @@ def worker(args: argparse.Namespace) -> None:
     sampler = MixSampler(clips, model.n_frames, args.n_mix, seed=0)
     device = torch.device("cpu")
     times = []
-    for i in range(5 + args.steps):
+    for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         train.train_step(model, opts, sampler, 8, model.n_rows, device)
-        if i >= 5:
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     print(json.dumps({"ms": 1e3 * statistics.median(times)}))
 
@@ -72,15 +72,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=5,
+                    help="untimed steps first (default 5): glibc adapts its mmap threshold to "
+                         "the blocks freed, so a long run's default may differ from a fresh one")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
     common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
-              "--threads", str(args.threads), "--steps", str(args.steps)]
+              "--threads", str(args.threads), "--steps", str(args.steps),
+              "--warmup", str(args.warmup)]
     print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, batch 8, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.steps} steps; median [min - max] of per-round medians")
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup}; "
+          "median [min - max] of per-round medians")
     ms: dict[str, list[float]] = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
         for name in CONFIGS:
