@@ -39,6 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from models.spectral import SAMPLE_RATE
     from training.mixdata import MixSampler, SoloClip
 
     torch.set_num_threads(args.threads)
@@ -50,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
                         weight_decay=o.defaults["weight_decay"]) for o in opts]
     rng = np.random.default_rng(0)
     clips = [SoloClip(f"c{i}", f"class{i % 6}", i % 6,
-                      (0.1 * rng.standard_normal(6 * 11025)).astype(np.float32),
+                      (0.1 * rng.standard_normal(6 * SAMPLE_RATE)).astype(np.float32),
                       rng.standard_normal(512).astype(np.float32),
                       rng.standard_normal((48, 512)).astype(np.float16)) for i in range(24)]
     sampler = MixSampler(clips, model.n_frames, args.n_mix, seed=0)

@@ -212,8 +212,9 @@ def retain_freed_memory() -> bool:
 
     A training step allocates and frees the same large activations (16 MB each at 256 rows)
     every step; by default glibc hands blocks that large back with munmap and the next step
-    page-faults them in again. Keeping them cuts the CPU step ~1.2x (scripts/bench_model.py
-    --only "training step"). Costs only resident memory (the peak of one step, ~1 GB here).
+    page-faults them in again. Keeping them, with fused Adam, times the step 1.22-1.27x faster
+    in scripts/bench_train_step.py; 55-minute runs made 1.03-1.12x the steps (docs/RESULTS.md
+    section 32). Costs only resident memory (the peak of one step, ~1.2 GB at 256 rows).
     Returns False, changing nothing, where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

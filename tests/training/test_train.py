@@ -550,7 +550,6 @@ def test_unknown_loss_weight_is_refused():
         loss_weight(mag_mix, mag_src, "sdr")
 
 
-
 _ALLOC = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
