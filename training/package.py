@@ -7,6 +7,9 @@ preprocessing and the commands that trained each part.
         --detector runs/detector --encoders runs/encoders
     python -m training.package --out models/checkpoints/cpu --detector runs/detector \
         --detector-only      (a retrained detector into the shipped folder, nothing else)
+    python -m training.package --out models/checkpoints/cpu --separator runs/iquery/best \
+        --results runs/results/results.json --separator-only
+                             (a retrained separator into the shipped folder, nothing else)
 
 Weights are stored as float16 to keep the folder small (load_state_dict casts them back).
 """
@@ -83,18 +86,77 @@ def swap_detector(ap: argparse.ArgumentParser, out: Path, detector: Path,
     return 0
 
 
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def swap_separator(ap: argparse.ArgumentParser, out: Path, separator: Path,
+                   results: Path | None) -> int:
+    """--separator-only: a retrained separator into a shipped folder; the detector and encoders
+    stay (a separator trained on their feature cache is what fits them). The manifest's
+    results are replaced by --results (the new separator's rows) when given."""
+    manifest_path, bundle_path = out / "manifest.json", out / "bundle.json"
+    if not (manifest_path.is_file() and bundle_path.is_file()):
+        ap.error(f"--separator-only: {out} has no manifest.json and bundle.json to update "
+                 "(package it whole first)")
+    if results is not None and not results.is_file():
+        ap.error(f"--results {results}: no such file")
+    sep, sep_meta = load_checkpoint(separator)
+    manifest, bundle = json.loads(manifest_path.read_text()), json.loads(bundle_path.read_text())
+    for key in ("obj_dim", "motion_dim"):  # the encoders' outputs must fit the new separator
+        shipped = manifest["separator"]["kwargs"].get(key)
+        if shipped is not None and sep.kwargs.get(key) != shipped:
+            ap.error(f"--separator {separator}: {key} {sep.kwargs.get(key)} does not fit the "
+                     f"shipped encoders' {shipped}")
+    stem = out / "separator"
+    tmp = out / "separator_new"
+    save_half(tmp, sep, sep_meta)
+    for suffix in (".safetensors", ".json"):
+        os.replace(tmp.with_suffix(suffix), stem.with_suffix(suffix))
+    manifest["separator"] = {"file": "separator", "class": type(sep).__name__,
+                             "kwargs": sep.kwargs,
+                             "trained": {k: v for k, v in sep_meta.items() if k != "kwargs"}}
+    manifest["separation"] = {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
+                              "overlap_add": "triangular weights on the warped masks"}
+    commands = manifest.get("training_commands") or [None, None, None]
+    manifest["training_commands"] = [*commands[:2], sep_meta.get("command")]
+    if results is not None:
+        manifest["results"] = json.loads(results.read_text())
+    bundle["visual"]["tube_frames"] = motion_len(sep.n_frames)  # both follow the window
+    bundle["stream"]["window"] = sep.n_frames
+    bundle["training"] = {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
+                          "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
+    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(bundle_path, bundle)
+    print(f"swapped the separator of {out} for {separator}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="the checkpoint folder to write")
     ap.add_argument("--separator", type=Path, default=None, help="checkpoint stem")
-    ap.add_argument("--detector", type=Path, required=True, help="train_detector --out folder")
+    ap.add_argument("--detector", type=Path, default=None,
+                    help="train_detector --out folder (not with --separator-only)")
     ap.add_argument("--encoders", type=Path, default=None, help="encoders --encoders-out")
     ap.add_argument("--results", type=Path, default=None, help="evaluate's results.json")
     ap.add_argument("--detector-only", action="store_true",
                     help="swap only the detector of the existing folder --out (its ONNX file, "
                          "the manifest's detector entry and command); the separator, encoders "
                          "and results stay as they are")
+    ap.add_argument("--separator-only", action="store_true",
+                    help="swap only the separator of the existing folder --out (its weights, "
+                         "the manifest's separator entry, command and --results, the bundle's "
+                         "window); the detector and encoders stay as they are")
     args = ap.parse_args(argv)
+    if args.separator_only:
+        if args.separator is None or args.detector is not None or args.detector_only:
+            ap.error("--separator-only takes --separator (and --results), no detector")
+        return swap_separator(ap, args.out, args.separator, args.results)
+    if args.detector is None:
+        ap.error("--detector is needed (or --separator-only)")
     metrics_path = args.detector / "detector_metrics.json"
     if not ((args.detector / "detector.onnx").is_file() and metrics_path.is_file()):
         ap.error(f"--detector {args.detector}: needs detector.onnx and detector_metrics.json "

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.visual import MotionEncoder, ObjectEncoder
 from nodes.bundle import write_fixed_detector
 from training.package import main
 from training.train import make_model
@@ -76,3 +77,62 @@ def test_a_several_rows_prompt_checkpoint_is_refused_before_anything_is_written(
     assert e.value.code == 2
     assert "4 prompt rows per class" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+@pytest.fixture()
+def shipped_bundle(tmp_path):
+    """A whole folder packaged from a tiny separator and encoders, and a retrained separator."""
+    det, enc = tmp_path / "det", tmp_path / "enc"
+    det.mkdir()
+    enc.mkdir()
+    write_fixed_detector(det / "detector.onnx", [0], [[0.1, 0.1, 0.5, 0.5]], [0.9])
+    (det / "detector_metrics.json").write_text(json.dumps({"command": "detector"}))
+    save_checkpoint(enc / "object_encoder", ObjectEncoder(), {"command": "encoders"})
+    save_checkpoint(enc / "motion_encoder", MotionEncoder(base_channels=4, n_stages=1), {})
+    small = {"ngf": 8, "d_model": 32, "n_heads": 2, "d_ffn": 64}
+    save_checkpoint(tmp_path / "old", make_model("iquery", "cpu", **small), {"command": "old"})
+    save_checkpoint(tmp_path / "new", make_model("iquery", "cpu", n_rows=256, **small),
+                    {"command": "new", "val": {"sdr": 9.5}})
+    out = tmp_path / "cpu"
+    assert main(["--out", str(out), "--separator", str(tmp_path / "old"), "--detector", str(det),
+                 "--encoders", str(enc)]) == 0
+    return out, tmp_path
+
+
+def test_separator_only_swaps_the_weights_and_their_record_and_keeps_the_rest(shipped_bundle):
+    out, tmp = shipped_bundle
+    keep = {n: (out / n).read_bytes() for n in ("detector.onnx", "object_encoder.safetensors",
+                                                "motion_encoder.safetensors")}
+    results = tmp / "results.json"
+    results.write_text(json.dumps({"pairs": {"new (GT-named)": {"sdr": 14.1}}}))
+    assert main(["--out", str(out), "--separator", str(tmp / "new"), "--results", str(results),
+                 "--separator-only"]) == 0
+    assert keep == {n: (out / n).read_bytes() for n in keep}
+    sep, meta = load_checkpoint(out / "separator")
+    new, _ = load_checkpoint(tmp / "new")
+    assert sep.kwargs == new.kwargs and sep.kwargs["n_rows"] == 256 and meta["command"] == "new"
+    for k, v in new.state_dict().items():  # stored as float16
+        assert (sep.state_dict()[k].float() - v.float()).abs().max() < 1e-2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["separator"]["kwargs"]["n_rows"] == 256
+    assert manifest["training_commands"] == ["detector", "encoders", "new"]
+    assert manifest["results"] == {"pairs": {"new (GT-named)": {"sdr": 14.1}}}
+    bundle = json.loads((out / "bundle.json").read_text())
+    assert bundle["training"] == {"command": "new", "data": None, "val_sdr": 9.5}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bundle.json", "manifest.json", "detector.onnx", "separator.json",
+         "separator.safetensors", "object_encoder.json", "object_encoder.safetensors",
+         "motion_encoder.json", "motion_encoder.safetensors"])
+
+
+def test_separator_only_refuses_a_separator_that_does_not_fit_the_encoders(
+        shipped_bundle, capsys):
+    out, tmp = shipped_bundle
+    save_checkpoint(tmp / "wide", make_model("iquery", "cpu", ngf=8, d_model=32, n_heads=2,
+                                             d_ffn=64, obj_dim=256), {})
+    before = (out / "separator.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), "--separator", str(tmp / "wide"), "--separator-only"])
+    assert e.value.code == 2
+    assert "obj_dim 256" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "separator.safetensors").read_bytes() == before
