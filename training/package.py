@@ -63,6 +63,26 @@ def detector_entry(det_metrics: dict) -> dict:
             "metrics": {k: v for k, v in det_metrics.items() if not k.startswith("ap50_")}}
 
 
+def separator_entries(sep: torch.nn.Module, sep_meta: dict) -> dict:
+    """The manifest's records of the separator: its entry and the window it separates with."""
+    return {"separator": {"file": "separator", "class": type(sep).__name__, "kwargs": sep.kwargs,
+                          "trained": {k: v for k, v in sep_meta.items() if k != "kwargs"}},
+            "separation": {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
+                           "overlap_add": "triangular weights on the warped masks"}}
+
+
+def bundle_training(sep_meta: dict) -> dict:
+    """bundle.json's record of how the separator was trained."""
+    return {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
+            "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def swap_detector(ap: argparse.ArgumentParser, out: Path, detector: Path,
                   det_metrics: dict) -> int:
     """--detector-only: a retrained detector into a shipped folder, nothing else touched (the
@@ -79,17 +99,9 @@ def swap_detector(ap: argparse.ArgumentParser, out: Path, detector: Path,
     manifest["detector"] = detector_entry(det_metrics)
     commands = manifest.get("training_commands") or [None]
     manifest["training_commands"] = [det_metrics.get("command"), *commands[1:]]
-    tmp = manifest_path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_json_atomic(manifest_path, manifest)
     print(f"swapped the detector of {out} for {detector / 'detector.onnx'}")
     return 0
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def swap_separator(ap: argparse.ArgumentParser, out: Path, separator: Path,
@@ -115,19 +127,14 @@ def swap_separator(ap: argparse.ArgumentParser, out: Path, separator: Path,
     save_half(tmp, sep, sep_meta)
     for suffix in (".safetensors", ".json"):
         os.replace(tmp.with_suffix(suffix), stem.with_suffix(suffix))
-    manifest["separator"] = {"file": "separator", "class": type(sep).__name__,
-                             "kwargs": sep.kwargs,
-                             "trained": {k: v for k, v in sep_meta.items() if k != "kwargs"}}
-    manifest["separation"] = {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
-                              "overlap_add": "triangular weights on the warped masks"}
+    manifest.update(separator_entries(sep, sep_meta))
     commands = manifest.get("training_commands") or [None, None, None]
     manifest["training_commands"] = [*commands[:2], sep_meta.get("command")]
     if results is not None:
         manifest["results"] = json.loads(results.read_text())
     bundle["visual"]["tube_frames"] = motion_len(sep.n_frames)  # both follow the window
     bundle["stream"]["window"] = sep.n_frames
-    bundle["training"] = {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
-                          "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
+    bundle["training"] = bundle_training(sep_meta)
     write_json_atomic(manifest_path, manifest)
     write_json_atomic(bundle_path, bundle)
     print(f"swapped the separator of {out} for {separator}")
@@ -177,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     save_half(args.out / "object_encoder", obj, obj_meta)
     save_half(args.out / "motion_encoder", mot, mot_meta)
     shutil.copyfile(args.detector / "detector.onnx", args.out / "detector.onnx")
+    entries = separator_entries(sep, sep_meta)
     manifest = {
         "class_names": class_names(),
         # The model's own kwargs only: checkpoints before 2026-11-23 recorded the preset's in
         # their meta (n_rows 128 for an --n-rows 256 run).
-        "separator": {"file": "separator", "class": type(sep).__name__, "kwargs": sep.kwargs,
-                      "trained": {k: v for k, v in sep_meta.items() if k != "kwargs"}},
+        "separator": entries["separator"],
         "object_encoder": {"file": "object_encoder", "kwargs": obj.kwargs, "crop": OBJ_CROP,
                            "frames_max_pooled": OBJ_FRAMES, "crop_margin": OBJ_MARGIN},
         "motion_encoder": {"file": "motion_encoder", "kwargs": mot.kwargs, "crop": MOTION_CROP,
@@ -192,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "preprocessing": {"crop_rgb": "uint8 RGB / 255, then (x - mean) / std",
                           "mean": MEAN, "std": STD},
         "detector": detector_entry(det_metrics),
-        "separation": {"window_frames": sep.n_frames, "hop_frames": sep.n_frames // 2,
-                       "overlap_add": "triangular weights on the warped masks"},
+        "separation": entries["separation"],
         "training_commands": [det_metrics.get("command"), obj_meta.get("command"),
                               sep_meta.get("command")],
     }
@@ -210,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                    "obj_margin": OBJ_MARGIN, "motion_margin": MOTION_MARGIN,
                    "score_threshold": SCORE_THRESHOLD},
         "stream": {"window": sep.n_frames, "block": FILE_BLOCK, "lookahead": FILE_LOOKAHEAD},
-        "training": {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
-                     "val_sdr": (sep_meta.get("val") or {}).get("sdr")},
+        "training": bundle_training(sep_meta),
     }
     (args.out / "bundle.json").write_text(json.dumps(bundle, indent=2) + "\n")
     total = sum(p.stat().st_size for p in args.out.iterdir())
