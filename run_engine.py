@@ -302,6 +302,9 @@ def default_graph(args: argparse.Namespace, bundle: Path, info: dict[str, Any],
     nodes["separator"] = ("nodes.separator:Separator", {
         "bundle": str(bundle), "backend": args.backend, "device": args.device,
         "block": block, "lookahead": args.lookahead,
+        # Blending each frame's estimates helps the files' centred block, not the live
+        # schedule's block at the window's edge (models.streaming).
+        "blend": not live,
         "sync_vision": bool(video_url) and not live and not args.realtime,
         "fallback": fallback, "report_path": str(run_dir / "separator.report.json")}, None)
     nodes["overlap_add"] = ("nodes.overlap_add:OverlapAdd", {}, None)

@@ -5,6 +5,15 @@ A step emits ``block`` frames ``[e, e + block)``. Its window holds ``window`` fr
 ``lookahead`` frames after the newest emitted one: ``[e + block + lookahead - window,
 e + block + lookahead)``. Frames before 0 or after the end of the stream are zero (silence), so
 the first and the last steps see the same kind of padding live and offline.
+
+Each step also estimates the ``lookahead`` frames after its block, which the next steps emit.
+``Blend`` keeps those estimates and emits each frame as the triangle-weighted mean of every
+window's estimate of it, as offline separation (training.separate) averages its overlapping
+windows: no step and no latency is added, only the estimates already computed are used. It
+helps a schedule whose block sits mid-window (the files' 16:24 of a 64-frame window: +0.15 dB)
+and hurts one whose block sits at the window's edge (the live 2:4: -0.10 dB, since the earlier
+windows saw those frames with even less future), so the engine blends for files only
+(docs/RESULTS.md section 35).
 """
 
 from __future__ import annotations
@@ -32,25 +41,69 @@ def window_start(first_emitted: int, window: int, block: int, lookahead: int) ->
     return first_emitted + block + lookahead - window
 
 
+def triangle(window: int) -> Tensor:
+    """Overlap-add weights: highest mid-window (where the model sees the most context), never
+    zero, so the first and last frames of a clip keep their only estimate."""
+    t = (torch.arange(window) + 0.5) / window
+    return (1 - (2 * t - 1).abs()).clamp_min(1e-3)
+
+
 def step_masks(separate: SeparateFn, spec_window: Tensor, n_rows: int, block: int,
                lookahead: int) -> Tensor:
-    """Masks of the ``block`` emitted frames of one window, unwarped to linear bins.
+    """Masks of the ``block`` emitted frames of one window and of the ``lookahead`` frames after
+    them, unwarped to linear bins.
 
-    spec_window complex (N_BINS, window) -> masks float32 (Q, N_BINS, block) in [0, 1].
+    spec_window complex (N_BINS, window) -> masks float32 (Q, N_BINS, block + lookahead) in
+    [0, 1].
     """
     assert spec_window.dim() == 2 and spec_window.shape[0] == N_BINS, (
         f"spec_window must be (N_BINS, window), got {tuple(spec_window.shape)}")
     window = spec_window.shape[1]
     x = model_input(spec_window[None], n_rows)  # (1, 1, n_rows, window)
     masks = separate(x)[0]  # (Q, n_rows, window)
-    end = window - lookahead
-    emitted = masks[:, :, end - block:end]  # (Q, n_rows, block)
-    return unwarp(emitted.float()).clamp(0, 1)  # (Q, N_BINS, block)
+    emitted = masks[:, :, window - lookahead - block:]  # (Q, n_rows, block + lookahead)
+    return unwarp(emitted.float()).clamp(0, 1)  # (Q, N_BINS, block + lookahead)
+
+
+class Blend:
+    """Emitted masks as the triangle-weighted mean of every step's estimate of their frames.
+
+    Call once per step, in order, with the step's labels and ``step_masks``; the estimates of
+    the look-ahead frames are kept per label (an instrument that was not in the last step
+    starts afresh, one that left is dropped).
+    """
+
+    def __init__(self, window: int, block: int, lookahead: int) -> None:
+        check_window(window, block, lookahead)
+        self.block = block
+        self.weights = triangle(window)[window - lookahead - block:]  # (block + lookahead,)
+        self.carry: dict[str, tuple[Tensor, Tensor]] = {}  # label -> (sum, weight sum)
+
+    def reset(self) -> None:
+        """A step without masks (no instrument): nothing carries over it."""
+        self.carry = {}
+
+    def __call__(self, labels: list[str], masks: Tensor) -> Tensor:
+        """masks (Q, N_BINS, block + lookahead) of one step -> (Q, N_BINS, block) emitted."""
+        out, carry = [], {}
+        for label, m in zip(labels, masks, strict=True):
+            acc, wsum = m * self.weights, self.weights.clone()
+            if label in self.carry:
+                old, old_w = self.carry[label]
+                acc[:, :old.shape[1]] += old
+                wsum[:old_w.shape[0]] += old_w
+            out.append(acc[:, :self.block] / wsum[:self.block])
+            carry[label] = (acc[:, self.block:], wsum[self.block:])
+        self.carry = carry
+        if not out:
+            return masks[:, :, :self.block]
+        return torch.stack(out)
 
 
 def sliding_masks(separate: SeparateFn, spec: Tensor, n_rows: int, *, window: int, block: int,
-                  lookahead: int) -> Tensor:
-    """Offline reference: masks for every frame of ``spec`` with the live step schedule.
+                  lookahead: int, blend: bool = False) -> Tensor:
+    """Offline reference: masks for every frame of ``spec`` with the live step schedule (and
+    ``Blend`` when ``blend``).
 
     spec complex (N_BINS, T) -> masks float32 (Q, N_BINS, T). Steps emit [0, block),
     [block, 2 block), ...; the last step may emit fewer than ``block`` frames.
@@ -62,9 +115,10 @@ def sliding_masks(separate: SeparateFn, spec: Tensor, n_rows: int, *, window: in
     left = window - block - lookahead
     right = block + lookahead
     padded = torch.nn.functional.pad(spec, (left, right))
-    out = []
+    blender, out = Blend(window, block, lookahead), []
     for e in range(0, n_frames, block):
         s = window_start(e, window, block, lookahead) + left
         m = step_masks(separate, padded[:, s:s + window], n_rows, block, lookahead)
+        m = blender([str(q) for q in range(m.shape[0])], m) if blend else m[:, :, :block]
         out.append(m[:, :, :min(block, n_frames - e)])
     return torch.cat(out, dim=2)

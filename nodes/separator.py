@@ -4,7 +4,8 @@ The query cache: a VisionUpdate (tracks with object features and motion tokens) 
 visually named, motion-decoded queries by ``IQuery.encode_visual`` once; per audio step only
 the audio network and the audio-aware decoder run (``IQuery.separate``), for every tracked
 instrument in one pass. The step schedule (window, block, lookahead, zero padding at both ends)
-is ``models.streaming``, which is also the offline reference (``sliding_masks``).
+and the blend of every step's estimate of a frame (``Blend``, with ``blend``: run_engine's file
+schedule) are ``models.streaming``, which is also the offline reference (``sliding_masks``).
 
 * ``sync_vision`` (files): a step waits until vision has reached its media time (or vision has
   ended, or ``vision_wait_s`` of wall time passed without vision progress), then uses the newest
@@ -34,7 +35,7 @@ from engine.messages import EndOfStream, Masks, Message, SpecFrames, VisionUpdat
 from engine.node import Node, Outputs
 from models.iquery import QueryCache
 from models.spectral import HOP, N_BINS, SAMPLE_RATE
-from models.streaming import check_window, step_masks, window_start
+from models.streaming import Blend, check_window, step_masks, window_start
 
 BACKENDS = ("torch", "onnx")
 
@@ -50,10 +51,12 @@ class QueryState:
 
 @dataclass
 class _Stream:
-    """Frames of one audio stream: ``buf`` (N_BINS, n) complex holds frames buf_start.."""
+    """Frames of one audio stream: ``buf`` (N_BINS, n) complex holds frames buf_start..;
+    ``blend`` holds the estimates of the frames after the last emitted block (None: no blend)."""
 
     buf: torch.Tensor
     buf_start: int
+    blend: Blend | None
     n_frames: int = 0  # frames received
     next_emit: int = 0
     ended: EndOfStream | None = None
@@ -70,12 +73,13 @@ class Separator(Node):
                  block: int | None = None, lookahead: int | None = None,
                  sync_vision: bool = False, vision_wait_s: float = 30.0,
                  fallback: list[str] | str | None = None, threads: int = 1,
-                 onnx_path: str | None = None, report_path: str | None = None) -> None:
+                 onnx_path: str | None = None, report_path: str | None = None,
+                 blend: bool = False) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}; allowed: {list(BACKENDS)}")
         self.bundle_path, self.backend, self.device = bundle, backend, device
-        self.block, self.lookahead = block, lookahead
+        self.block, self.lookahead, self.blend = block, lookahead, blend
         self.sync_vision, self.vision_wait_s = sync_vision, vision_wait_s
         self.fallback = [fallback] if isinstance(fallback, str) else list(fallback or [])
         self.threads, self.onnx_path, self.report_path = threads, onnx_path, report_path
@@ -143,7 +147,8 @@ class Separator(Node):
     def report(self) -> dict[str, Any]:
         """Spans (seconds) where each label was output, and the step settings."""
         return {"spans": self.spans, "window": self.window, "block": self.block,
-                "lookahead": self.lookahead, "backend": self.backend, "device": self.dev,
+                "lookahead": self.lookahead, "blend": self.blend, "backend": self.backend,
+                "device": self.dev,
                 "onnx_providers": self.providers,
                 "fallback": self.fallback}
 
@@ -258,6 +263,8 @@ class Separator(Node):
                       flush=True)
             self._no_instrument = True
             masks = np.zeros((0, N_BINS, block), np.float32)
+            if st.blend is not None:
+                st.blend.reset()
         else:
             if self._no_instrument:
                 print(f"[{self.name}] instruments {labels} at {e * HOP / SAMPLE_RATE:.2f} s",
@@ -265,7 +272,8 @@ class Separator(Node):
             self._no_instrument = False
             t0 = time.perf_counter()
             m = step_masks(self._separate_fn(state.cache), win, self.model.n_rows, self.block,
-                           self.lookahead)  # (Q, N_BINS, self.block)
+                           self.lookahead)  # (Q, N_BINS, self.block + self.lookahead)
+            m = st.blend(labels, m) if st.blend is not None else m[:, :, :self.block]
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             self.counters["steps"] += 1
             masks = np.ascontiguousarray(m[:, :, :block].numpy(), np.float32)
@@ -321,7 +329,8 @@ class Separator(Node):
             if st is None:
                 left = self.window - self.block - self.lookahead  # zeros before frame 0
                 st = self.streams[msg.stream] = _Stream(
-                    torch.zeros(N_BINS, left, dtype=torch.complex64), -left)
+                    torch.zeros(N_BINS, left, dtype=torch.complex64), -left,
+                    Blend(self.window, self.block, self.lookahead) if self.blend else None)
             if msg.frame_index != st.n_frames:
                 # overlap_add zero-fills gaps; the window here fills them with silence too.
                 missing = msg.frame_index - st.n_frames

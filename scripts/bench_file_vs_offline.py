@@ -76,7 +76,7 @@ def engine_estimates(clip_dir: Path, classes: list[str], n: int, bundle: str, wo
 
 
 def streamed_gt_estimates(model: object, item: dict, names: list[str], block: int,
-                          lookahead: int) -> np.ndarray:
+                          lookahead: int, blend: bool = True) -> np.ndarray:
     """The engine's sliding schedule (models.streaming: ``block`` frames per step, ``lookahead``
     frames of right context, window = the model's n_frames) run offline with the cached
     ground-truth-named queries: estimates (K, N). Motion tokens follow each window as in
@@ -85,7 +85,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     import torch
 
     from models.spectral import istft, stft
-    from models.streaming import check_window, step_masks, window_start
+    from models.streaming import Blend, check_window, step_masks, window_start
     from training.evaluate import query_from
     from training.separate import motion_window
 
@@ -101,7 +101,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     n_frames = spec.shape[1]
     left = window - block - lookahead
     padded = torch.nn.functional.pad(spec, (left, block + lookahead))
-    out = []
+    blender, out = Blend(window, block, lookahead), []
     with torch.no_grad():
         for e in range(0, n_frames, block):
             start = window_start(e, window, block, lookahead)  # may be < 0: zeros there
@@ -116,6 +116,8 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
 
             m = step_masks(separate, padded[:, start + left:start + left + window], n_rows,
                            block, lookahead)
+            if blend:  # as the separator node emits for files
+                m = blender([str(k) for k in range(m.shape[0])], m)
             out.append(m[:, :, :min(block, n_frames - e)])
     masks = torch.cat(out, dim=2)  # (Q, N_BINS, T)
     return istft(masks * spec[None], mix.shape[-1]).numpy()
@@ -123,7 +125,8 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
 
 def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
                    ensembles: list, load_before: tuple) -> int:
-    """streamed_gt SDR per block:lookahead of --schedules, beside offline_gt; table + JSON."""
+    """streamed_gt SDR per block:lookahead of --schedules, without and with the Blend of the
+    engine's file runs, beside offline_gt; table + JSON."""
     from training.evaluate import model_estimates
     from training.metrics import bss_eval
     from training.music_data import load_audio
@@ -140,8 +143,10 @@ def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
         sdr = {"offline_gt": bss_eval(item["refs"], model_estimates(model, item, "gt",
                                                                     names))["sdr"]}
         for b, la in schedules:
-            est = streamed_gt_estimates(model, item, names, b, la)
-            sdr[f"streamed_gt_b{b}_l{la}"] = bss_eval(item["refs"], est)["sdr"]
+            for blend in (False, True):  # live runs do not blend, files do
+                est = streamed_gt_estimates(model, item, names, b, la, blend)
+                key = f"streamed_gt_b{b}_l{la}" + "_blend" * blend
+                sdr[key] = bss_eval(item["refs"], est)["sdr"]
         for k, c in enumerate(e.classes):
             rows.append({"clip": e.clip_id, "class": c, **{key: float(v[k])
                                                           for key, v in sdr.items()}})

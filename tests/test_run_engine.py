@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import av
@@ -295,18 +296,21 @@ def test_capture_latency_joins_capture_and_write_logs(tmp_path: Path) -> None:
     assert run_engine.capture_latency_ms(tmp_path) is None  # no capture clock: no figure
 
 
-def test_live_inputs_get_the_live_stream_defaults() -> None:
-    info = {"stream": {"window": 64, "block": 4, "lookahead": 8}}
+def test_live_inputs_get_the_live_stream_defaults(tmp_path: Path) -> None:
+    info = {"stream": {"window": 64, "block": 4, "lookahead": 8}, "visual": {"fps": 8}}
     parse = run_engine.build_parser().parse_args
     for argv, live in ((["--input", "a.mkv"], False), (["--input", "a.mkv", "--realtime"], True),
                        (["--input", "mic"], True), (["--input", "-", "--video", "camera"], True),
                        (["--input", "mic", "--video", "tcp://127.0.0.1:5000"], True)):
-        args = parse(argv)
+        args = parse([*argv, "--out", str(tmp_path)])
         assert run_engine.is_live_input(args) is live
         run_engine.apply_stream_defaults(args, info, live)
         want = run_engine.LIVE_STREAM if live else {"block": 4, "lookahead": 8,
                                                      "source_block": 4 * 256}
         assert (args.block, args.lookahead, args.source_block) == tuple(want.values())
+        graph = tomllib.loads(run_engine.default_graph(
+            args, tmp_path, info, tmp_path, {"kind": "file", "path": "a.mkv"}, None, live))
+        assert graph["nodes"]["separator"]["params"]["blend"] is not live  # files blend
     args = parse(["--input", "mic", "--block", "3", "--lookahead", "0"])  # given values win
     run_engine.apply_stream_defaults(args, info, True)
     assert (args.block, args.lookahead, args.source_block) == (3, 0, 256)

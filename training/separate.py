@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from models.spectral import HOP, SAMPLE_RATE, apply_masks, istft, model_input, stft
+from models.streaming import triangle
 
 FPS = 8.0
 
@@ -59,13 +60,6 @@ def window_starts(n_total: int, window: int, hop: int | None = None) -> list[int
     if starts[-1] != n_total - window:
         starts.append(n_total - window)
     return starts
-
-
-def triangle(window: int) -> Tensor:
-    """Overlap-add weights: highest mid-window (where the model sees the most context), never
-    zero, so the first and last frames of a clip keep their only estimate."""
-    t = (torch.arange(window) + 0.5) / window
-    return (1 - (2 * t - 1).abs()).clamp_min(1e-3)
 
 
 @torch.no_grad()

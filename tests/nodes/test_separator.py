@@ -48,11 +48,12 @@ def masks_of(outputs: list) -> np.ndarray:
     return np.concatenate([m.masks for _, m in outputs if isinstance(m, Masks)], axis=2)
 
 
-def test_streamed_masks_equal_offline_reference(bundle: str) -> None:
+@pytest.mark.parametrize("blend", [False, True])
+def test_streamed_masks_equal_offline_reference(bundle: str, blend: bool) -> None:
     x = signal(11025 * 2 + 100)
     spec = stft(x)
     node = Separator(bundle=bundle, fallback=["violin", "flute"], lookahead=3, block=5,
-                     device="cpu")  # as the reference below (tests/test_cuda.py: the GPU)
+                     device="cpu", blend=blend)  # as the reference below (test_cuda.py: the GPU)
     out = run_node(node, [*chunks(spec), ("spec", EndOfStream(stream="mix", time=len(x)))])
     assert isinstance(out[-1][1], EndOfStream) and out[-1][1].time == len(x)
     streamed = masks_of(out)
@@ -63,8 +64,13 @@ def test_streamed_masks_equal_offline_reference(bundle: str) -> None:
     cache = ref_node.fallback_state.cache
     with torch.no_grad():
         ref = sliding_masks(lambda v: ref_node.model.separate(v, cache), spec,
-                            ref_node.model.n_rows, window=ref_node.window, block=5, lookahead=3)
+                            ref_node.model.n_rows, window=ref_node.window, block=5, lookahead=3,
+                            blend=blend)
+        other = sliding_masks(lambda v: ref_node.model.separate(v, cache), spec,
+                              ref_node.model.n_rows, window=ref_node.window, block=5,
+                              lookahead=3, blend=not blend)
     np.testing.assert_allclose(streamed, ref.numpy(), atol=1e-6)
+    assert np.abs(streamed - other.numpy()).max() > 1e-4  # blending changes the masks
     assert node.counters["fallback_steps"] == node.counters["steps"] > 0
 
 
