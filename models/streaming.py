@@ -49,11 +49,11 @@ def triangle(window: int) -> Tensor:
 
 
 def step_masks(separate: SeparateFn, spec_window: Tensor, n_rows: int, block: int,
-               lookahead: int) -> Tensor:
-    """Masks of the ``block`` emitted frames of one window and of the ``lookahead`` frames after
-    them, unwarped to linear bins.
+                lookahead: int, ahead: bool = False) -> Tensor:
+    """Masks of the ``block`` emitted frames of one window (and, with ``ahead``, of the
+    ``lookahead`` frames after them, for ``Blend``), unwarped to linear bins.
 
-    spec_window complex (N_BINS, window) -> masks float32 (Q, N_BINS, block + lookahead) in
+    spec_window complex (N_BINS, window) -> masks float32 (Q, N_BINS, block [+ lookahead]) in
     [0, 1].
     """
     assert spec_window.dim() == 2 and spec_window.shape[0] == N_BINS, (
@@ -61,16 +61,17 @@ def step_masks(separate: SeparateFn, spec_window: Tensor, n_rows: int, block: in
     window = spec_window.shape[1]
     x = model_input(spec_window[None], n_rows)  # (1, 1, n_rows, window)
     masks = separate(x)[0]  # (Q, n_rows, window)
-    emitted = masks[:, :, window - lookahead - block:]  # (Q, n_rows, block + lookahead)
-    return unwarp(emitted.float()).clamp(0, 1)  # (Q, N_BINS, block + lookahead)
+    start = window - lookahead - block
+    emitted = masks[:, :, start:] if ahead else masks[:, :, start:start + block]
+    return unwarp(emitted.float()).clamp(0, 1)  # (Q, N_BINS, block [+ lookahead])
 
 
 class Blend:
     """Emitted masks as the triangle-weighted mean of every step's estimate of their frames.
 
-    Call once per step, in order, with the step's labels and ``step_masks``; the estimates of
-    the look-ahead frames are kept per label (an instrument that was not in the last step
-    starts afresh, one that left is dropped).
+    Call once per step, in order, with the step's labels and ``step_masks(..., ahead=True)``;
+    the estimates of the look-ahead frames are kept per label (an instrument that was not in
+    the last step starts afresh, one that left is dropped).
     """
 
     def __init__(self, window: int, block: int, lookahead: int) -> None:
@@ -118,7 +119,8 @@ def sliding_masks(separate: SeparateFn, spec: Tensor, n_rows: int, *, window: in
     blender, out = Blend(window, block, lookahead), []
     for e in range(0, n_frames, block):
         s = window_start(e, window, block, lookahead) + left
-        m = step_masks(separate, padded[:, s:s + window], n_rows, block, lookahead)
-        m = blender([str(q) for q in range(m.shape[0])], m) if blend else m[:, :, :block]
+        m = step_masks(separate, padded[:, s:s + window], n_rows, block, lookahead, blend)
+        if blend:
+            m = blender([str(q) for q in range(m.shape[0])], m)
         out.append(m[:, :, :min(block, n_frames - e)])
     return torch.cat(out, dim=2)

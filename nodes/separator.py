@@ -272,8 +272,9 @@ class Separator(Node):
             self._no_instrument = False
             t0 = time.perf_counter()
             m = step_masks(self._separate_fn(state.cache), win, self.model.n_rows, self.block,
-                           self.lookahead)  # (Q, N_BINS, self.block + self.lookahead)
-            m = st.blend(labels, m) if st.blend is not None else m[:, :, :self.block]
+                           self.lookahead, ahead=st.blend is not None)
+            if st.blend is not None:
+                m = st.blend(labels, m)  # (Q, N_BINS, self.block)
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             self.counters["steps"] += 1
             masks = np.ascontiguousarray(m[:, :, :block].numpy(), np.float32)

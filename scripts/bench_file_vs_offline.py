@@ -115,7 +115,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
                 return model(x, obj, cls, mot, mpad, qpad)
 
             m = step_masks(separate, padded[:, start + left:start + left + window], n_rows,
-                           block, lookahead)
+                           block, lookahead, ahead=blend)
             if blend:  # as the separator node emits for files
                 m = blender([str(k) for k in range(m.shape[0])], m)
             out.append(m[:, :, :min(block, n_frames - e)])
