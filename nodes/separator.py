@@ -148,9 +148,7 @@ class Separator(Node):
         """Spans (seconds) where each label was output, and the step settings."""
         return {"spans": self.spans, "window": self.window, "block": self.block,
                 "lookahead": self.lookahead, "blend": self.blend, "backend": self.backend,
-                "device": self.dev,
-                "onnx_providers": self.providers,
-                "fallback": self.fallback}
+                "device": self.dev, "onnx_providers": self.providers, "fallback": self.fallback}
 
     # --------------------------------------------------------------------- query cache
     @torch.no_grad()

@@ -53,4 +53,3 @@ def test_a_new_label_starts_afresh_a_gone_one_is_dropped_and_reset_clears():
     assert set(blend.carry) == {"piano#1", "violin#1"}
     blend.reset()
     assert torch.all(blend(["violin#1"], second[1:]) == 7.0)
-
