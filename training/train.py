@@ -50,7 +50,7 @@ from models.spectral import apply_masks, istft, model_input, stft, warp
 from models.visual import MotionEncoder
 from training.factory import PRESETS, build_model
 from training.instruments import load_vocabulary
-from training.metrics import bss_eval
+from training.metrics import bss_eval_shared
 from training.mixdata import MixSampler, load_solo
 
 MODELS = ("iquery", "iquery_nomotion", "sop")
@@ -330,7 +330,11 @@ def has_state(folder: Path) -> bool:
 @torch.no_grad()
 def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows: int,
              device: torch.device) -> dict[str, float]:
-    """Mean SDR/SIR/SAR (dB) and loss over fixed val mixtures (one window each)."""
+    """Mean SDR/SIR/SAR (dB) and loss over fixed val mixtures (one window each).
+
+    BSS-eval through bss_eval_shared (mir_eval's numbers, ~2.8x faster at K=3): at mir_eval's
+    speed the 48 val mixtures took 13.5 s, 14 % of a 55-minute run validating every 1000
+    steps."""
     was = model.training
     model.eval()
     sdr, sir, sar, losses = [], [], [], []
@@ -341,7 +345,7 @@ def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows:
         est = istft(apply_masks(masks, t["spec_mix"]), t["sources"].shape[-1]).cpu().numpy()
         ref = t["sources"].cpu().numpy()
         for b in range(len(ref)):
-            m = bss_eval(ref[b], est[b])
+            m = bss_eval_shared(ref[b], est[b])
             sdr += list(m["sdr"])
             sir += list(m["sir"])
             sar += list(m["sar"])
