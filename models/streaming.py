@@ -6,6 +6,12 @@ A step emits ``block`` frames ``[e, e + block)``. Its window holds ``window`` fr
 e + block + lookahead)``. Frames before 0 or after the end of the stream are zero (silence), so
 the first and the last steps see the same kind of padding live and offline.
 
+At the end of a stream at least ``window`` frames long, the steps whose window would reach past
+the last frame read the last ``window`` frames instead (``end_window``): their blocks sit later in
+the window than usual, but they see no invented silence. Zero frames after the end cost the last
+1.5 s of a clip 2.5 dB (60 val pairs, the shipped separator, 16:24: docs/RESULTS.md section 36),
+where offline separation (training.separate) aligns its last window with the clip's end too.
+
 Each step also estimates the ``lookahead`` frames after its block, which the next steps emit.
 ``Blend`` keeps those estimates and emits each frame as the triangle-weighted mean of every
 window's estimate of it, as offline separation (training.separate) averages its overlapping
@@ -41,6 +47,16 @@ def window_start(first_emitted: int, window: int, block: int, lookahead: int) ->
     return first_emitted + block + lookahead - window
 
 
+def end_window(first_emitted: int, n_frames: int, window: int, block: int,
+               lookahead: int) -> int | None:
+    """Start of the window of a step at the end of a stream of ``n_frames`` frames: the last
+    ``window`` frames, when the usual window would reach past the end and the stream is at
+    least a window long; None otherwise (the usual window, zeros after the end)."""
+    if n_frames < window or first_emitted + block + lookahead <= n_frames:
+        return None
+    return n_frames - window
+
+
 def triangle(window: int) -> Tensor:
     """Overlap-add weights: highest mid-window (where the model sees the most context), never
     zero, so the first and last frames of a clip keep their only estimate."""
@@ -49,19 +65,20 @@ def triangle(window: int) -> Tensor:
 
 
 def step_masks(separate: SeparateFn, spec_window: Tensor, n_rows: int, block: int,
-                lookahead: int, ahead: bool = False) -> Tensor:
-    """Masks of the ``block`` emitted frames of one window (and, with ``ahead``, of the
-    ``lookahead`` frames after them, for ``Blend``), unwarped to linear bins.
+                lookahead: int, ahead: bool = False, offset: int | None = None) -> Tensor:
+    """Masks of the ``block`` emitted frames of one window (and, with ``ahead``, of the frames
+    after them to the window's end, for ``Blend``), unwarped to linear bins.
 
-    spec_window complex (N_BINS, window) -> masks float32 (Q, N_BINS, block [+ lookahead]) in
-    [0, 1].
+    offset: the first emitted frame's index in the window (default ``window - lookahead -
+    block``; an ``end_window`` step's block sits later). spec_window complex (N_BINS, window) ->
+    masks float32 (Q, N_BINS, block [+ the frames after it]) in [0, 1].
     """
     assert spec_window.dim() == 2 and spec_window.shape[0] == N_BINS, (
         f"spec_window must be (N_BINS, window), got {tuple(spec_window.shape)}")
     window = spec_window.shape[1]
     x = model_input(spec_window[None], n_rows)  # (1, 1, n_rows, window)
     masks = separate(x)[0]  # (Q, n_rows, window)
-    start = window - lookahead - block
+    start = window - lookahead - block if offset is None else offset
     emitted = masks[:, :, start:] if ahead else masks[:, :, start:start + block]
     return unwarp(emitted.float()).clamp(0, 1)  # (Q, N_BINS, block [+ lookahead])
 
@@ -76,19 +93,24 @@ class Blend:
 
     def __init__(self, window: int, block: int, lookahead: int) -> None:
         check_window(window, block, lookahead)
-        self.block = block
-        self.weights = triangle(window)[window - lookahead - block:]  # (block + lookahead,)
+        self.block, self.start = block, window - lookahead - block
+        self.triangle = triangle(window)
         self.carry: dict[str, tuple[Tensor, Tensor]] = {}  # label -> (sum, weight sum)
 
     def reset(self) -> None:
         """A step without masks (no instrument): nothing carries over it."""
         self.carry = {}
 
-    def __call__(self, labels: list[str], masks: Tensor) -> Tensor:
-        """masks (Q, N_BINS, block + lookahead) of one step -> (Q, N_BINS, block) emitted."""
+    def __call__(self, labels: list[str], masks: Tensor, offset: int | None = None) -> Tensor:
+        """masks (Q, N_BINS, F) of one step, from step_masks(..., ahead=True) -> (Q, N_BINS,
+        block) emitted. F is block + lookahead; an ``end_window`` step, whose block starts at
+        ``offset`` in its window, has fewer (its frames end with the stream, as do the
+        estimates carried to it)."""
+        start = self.start if offset is None else offset
+        weights = self.triangle[start:start + masks.shape[2]]
         out, carry = [], {}
         for label, m in zip(labels, masks, strict=True):
-            acc, wsum = m * self.weights, self.weights.clone()
+            acc, wsum = m * weights, weights.clone()
             if label in self.carry:
                 old, old_w = self.carry[label]
                 acc[:, :old.shape[1]] += old
@@ -111,16 +133,20 @@ def sliding_masks(separate: SeparateFn, spec: Tensor, n_rows: int, *, window: in
     """
     check_window(window, block, lookahead)
     n_frames = spec.shape[1]
-    # Zero frames on both sides: the left context of the first step and the right context
-    # (lookahead and a partial last block) of the last one.
+    # Zero frames on both sides: the left context of the first step and, for a stream shorter
+    # than a window, the right context (lookahead and a partial last block) of the last one.
     left = window - block - lookahead
     right = block + lookahead
     padded = torch.nn.functional.pad(spec, (left, right))
     blender, out = Blend(window, block, lookahead), []
     for e in range(0, n_frames, block):
-        s = window_start(e, window, block, lookahead) + left
-        m = step_masks(separate, padded[:, s:s + window], n_rows, block, lookahead, blend)
+        s, offset = window_start(e, window, block, lookahead), None
+        end = end_window(e, n_frames, window, block, lookahead)
+        if end is not None:
+            s, offset = end, e - end
+        m = step_masks(separate, padded[:, s + left:s + left + window], n_rows, block,
+                       lookahead, blend, offset)
         if blend:
-            m = blender([str(q) for q in range(m.shape[0])], m)
+            m = blender([str(q) for q in range(m.shape[0])], m, offset)
         out.append(m[:, :, :min(block, n_frames - e)])
     return torch.cat(out, dim=2)

@@ -35,7 +35,7 @@ from engine.messages import EndOfStream, Masks, Message, SpecFrames, VisionUpdat
 from engine.node import Node, Outputs
 from models.iquery import QueryCache
 from models.spectral import HOP, N_BINS, SAMPLE_RATE
-from models.streaming import Blend, check_window, step_masks, window_start
+from models.streaming import Blend, check_window, end_window, step_masks, window_start
 
 BACKENDS = ("torch", "onnx")
 
@@ -241,7 +241,12 @@ class Separator(Node):
     @torch.no_grad()
     def _step(self, stream: str, st: _Stream) -> Outputs:
         e, block = st.next_emit, min(self.block, st.n_frames - st.next_emit)
-        s = window_start(e, self.window, self.block, self.lookahead) - st.buf_start
+        s, offset = window_start(e, self.window, self.block, self.lookahead), None
+        end = None if st.ended is None else end_window(e, st.n_frames, self.window, self.block,
+                                                        self.lookahead)
+        if end is not None:  # the stream's last frames: read its last window, no silence
+            s, offset = end, e - end
+        s -= st.buf_start
         win = st.buf[:, s:s + self.window]
         assert win.shape[1] == self.window, f"window of {win.shape[1]} frames at step {e}"
         mixture = st.buf[:, e - st.buf_start:e - st.buf_start + block]
@@ -270,9 +275,9 @@ class Separator(Node):
             self._no_instrument = False
             t0 = time.perf_counter()
             m = step_masks(self._separate_fn(state.cache), win, self.model.n_rows, self.block,
-                           self.lookahead, ahead=st.blend is not None)
+                           self.lookahead, ahead=st.blend is not None, offset=offset)
             if st.blend is not None:
-                m = st.blend(labels, m)  # (Q, N_BINS, self.block)
+                m = st.blend(labels, m, offset)  # (Q, N_BINS, self.block)
             self.counters["compute_us"] += int((time.perf_counter() - t0) * 1e6)
             self.counters["steps"] += 1
             masks = np.ascontiguousarray(m[:, :, :block].numpy(), np.float32)
@@ -285,8 +290,10 @@ class Separator(Node):
                     spans.append([t_a, t_b])
         st.labels = list(labels)
         st.next_emit = e + block
-        # Keep only what the next window needs.
-        keep = window_start(st.next_emit, self.window, self.block, self.lookahead)
+        # Keep only what the next window needs, and the last `window` frames received (an
+        # end_window step reads them once the stream ends).
+        keep = min(window_start(st.next_emit, self.window, self.block, self.lookahead),
+                   st.n_frames - self.window)
         if keep > st.buf_start:
             st.buf = st.buf[:, keep - st.buf_start:]
             st.buf_start = keep

@@ -85,7 +85,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     import torch
 
     from models.spectral import istft, stft
-    from models.streaming import Blend, check_window, step_masks, window_start
+    from models.streaming import Blend, check_window, end_window, step_masks, window_start
     from training.evaluate import query_from
     from training.separate import motion_window
 
@@ -104,7 +104,10 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     blender, out = Blend(window, block, lookahead), []
     with torch.no_grad():
         for e in range(0, n_frames, block):
-            start = window_start(e, window, block, lookahead)  # may be < 0: zeros there
+            start, offset = window_start(e, window, block, lookahead), None  # < 0: zeros there
+            end = end_window(e, n_frames, window, block, lookahead)
+            if end is not None:  # the clip's last frames: its last window, as the node
+                start, offset = end, e - end
             motion, pad = zip(*[motion_window(q.motion, start, window) for q in queries],
                               strict=True)
             mot = torch.from_numpy(np.stack(motion))[None]
@@ -115,12 +118,34 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
                 return model(x, obj, cls, mot, mpad, qpad)
 
             m = step_masks(separate, padded[:, start + left:start + left + window], n_rows,
-                           block, lookahead, ahead=blend)
+                           block, lookahead, ahead=blend, offset=offset)
             if blend:  # as the separator node emits for files
-                m = blender([str(k) for k in range(m.shape[0])], m)
+                m = blender([str(k) for k in range(m.shape[0])], m, offset)
             out.append(m[:, :, :min(block, n_frames - e)])
     masks = torch.cat(out, dim=2)  # (Q, N_BINS, T)
     return istft(masks * spec[None], mix.shape[-1]).numpy()
+
+
+def sweep_items(args: argparse.Namespace, ensembles: list) -> list[dict]:
+    """The clips a schedule sweep scores: the first --n test ensemble clips (--sweep-on test),
+    or --n of the val pairs that training.evaluate --pairs-from val scores (--sweep-on val,
+    evenly spaced), so that a schedule can be chosen without looking at test clips."""
+    from training.evaluate import load_items
+    from training.music_data import load_audio
+
+    if args.sweep_on == "val":
+        pairs, _ = load_items(args.data, 6.0, args.n, 0, pairs_from="val")
+        return pairs
+    feats = args.data / "features"
+    items = []
+    for e in ensembles:
+        mix = load_audio(e.as_clip())
+        refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
+        n = min(len(mix), refs.shape[1])
+        items.append({"name": e.clip_id, "refs": refs[:, :n], "mix": mix[:n],
+                      "classes": list(e.classes),
+                      "gt": [feats / "gt" / "ensembles" / e.clip_id / c for c in e.classes]})
+    return items
 
 
 def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
@@ -129,17 +154,11 @@ def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
     engine's file runs, beside offline_gt; table + JSON."""
     from training.evaluate import model_estimates
     from training.metrics import bss_eval
-    from training.music_data import load_audio
 
     schedules = [tuple(int(v) for v in x.split(":")) for x in args.schedules.split(",")]
-    feats = args.data / "features"
     rows = []
-    for e in ensembles:
-        mix = load_audio(e.as_clip())
-        refs = np.stack([load_audio(e.stem_path(c)) for c in e.classes])
-        n = min(len(mix), refs.shape[1])
-        item = {"refs": refs[:, :n], "mix": mix[:n], "classes": list(e.classes),
-                "gt": [feats / "gt" / "ensembles" / e.clip_id / c for c in e.classes]}
+    items = sweep_items(args, ensembles)
+    for item in items:
         sdr = {"offline_gt": bss_eval(item["refs"], model_estimates(model, item, "gt",
                                                                     names))["sdr"]}
         for b, la in schedules:
@@ -147,10 +166,10 @@ def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
                 est = streamed_gt_estimates(model, item, names, b, la, blend)
                 key = f"streamed_gt_b{b}_l{la}" + "_blend" * blend
                 sdr[key] = bss_eval(item["refs"], est)["sdr"]
-        for k, c in enumerate(e.classes):
-            rows.append({"clip": e.clip_id, "class": c, **{key: float(v[k])
-                                                          for key, v in sdr.items()}})
-        print(e.clip_id, {k: np.round(v, 2).tolist() for k, v in sdr.items()}, file=sys.stderr,
+        for k, c in enumerate(item["classes"]):
+            rows.append({"clip": item["name"], "class": c, **{key: float(v[k])
+                                                             for key, v in sdr.items()}})
+        print(item["name"], {k: np.round(v, 2).tolist() for k, v in sdr.items()}, file=sys.stderr,
               flush=True)
     cols = [k for k in rows[0] if k not in ("clip", "class")]
     mean = {k: float(np.mean([r[k] for r in rows])) for k in cols}
@@ -162,7 +181,8 @@ def schedule_sweep(args: argparse.Namespace, model: object, names: list[str],
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": "python scripts/bench_file_vs_offline.py " + " ".join(sys.argv[1:]),
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
-            "bundle": args.bundle, "n_clips": len(ensembles), "n_sources": len(rows),
+            "bundle": args.bundle, "sweep_on": args.sweep_on, "n_clips": len(items),
+            "n_sources": len(rows),
             "mean_sdr": mean, "rows": rows}, indent=1) + "\n")
     return 0
 
@@ -183,8 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="no engine: only the streamed_gt SDR of each block:lookahead (e.g. "
                          "4:8,2:4,2:2,2:0), the cost of a shorter lookahead without detector "
                          "noise")
+    ap.add_argument("--sweep-on", choices=["test", "val"], default="test",
+                    help="clips of --schedules: the first --n test ensemble clips (default), "
+                         "or --n val pairs (two val solo clips each, as training.evaluate "
+                         "--pairs-from val), to choose a schedule without test clips")
     ap.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = ap.parse_args(argv)
+    if args.sweep_on != "test" and not args.schedules:
+        raise SystemExit("error: --sweep-on val needs --schedules: the engine itself runs on "
+                         "ensemble videos, which only the test split has")
 
     import torch
 
