@@ -3,8 +3,8 @@ offline evaluation, so that "streamed equals offline" is a property of one piece
 
 A step emits ``block`` frames ``[e, e + block)``. Its window holds ``window`` frames ending
 ``lookahead`` frames after the newest emitted one: ``[e + block + lookahead - window,
-e + block + lookahead)``. Frames before 0 or after the end of the stream are zero (silence), so
-the first and the last steps see the same kind of padding live and offline.
+e + block + lookahead)``. Frames before 0 are zero (silence), live and offline alike; so are the
+frames after the end of a stream shorter than a window.
 
 At the end of a stream at least ``window`` frames long, the steps whose window would reach past
 the last frame read the last ``window`` frames instead (``end_window``): their blocks sit later in
