@@ -57,6 +57,18 @@ def end_window(first_emitted: int, n_frames: int, window: int, block: int,
     return n_frames - window
 
 
+def step_window(first_emitted: int, window: int, block: int, lookahead: int,
+                n_frames: int | None = None) -> tuple[int, int | None]:
+    """(start of the window, offset of the block in it) of the step emitting ``first_emitted``:
+    the usual window (offset None: ``window - lookahead - block``) unless the stream has ended
+    with ``n_frames`` frames and ``end_window`` gives its last window."""
+    end = None if n_frames is None else end_window(first_emitted, n_frames, window, block,
+                                                    lookahead)
+    if end is None:
+        return window_start(first_emitted, window, block, lookahead), None
+    return end, first_emitted - end
+
+
 def triangle(window: int) -> Tensor:
     """Overlap-add weights: highest mid-window (where the model sees the most context), never
     zero, so the first and last frames of a clip keep their only estimate."""
@@ -140,10 +152,7 @@ def sliding_masks(separate: SeparateFn, spec: Tensor, n_rows: int, *, window: in
     padded = torch.nn.functional.pad(spec, (left, right))
     blender, out = Blend(window, block, lookahead), []
     for e in range(0, n_frames, block):
-        s, offset = window_start(e, window, block, lookahead), None
-        end = end_window(e, n_frames, window, block, lookahead)
-        if end is not None:
-            s, offset = end, e - end
+        s, offset = step_window(e, window, block, lookahead, n_frames)
         m = step_masks(separate, padded[:, s + left:s + left + window], n_rows, block,
                        lookahead, blend, offset)
         if blend:

@@ -35,7 +35,7 @@ from engine.messages import EndOfStream, Masks, Message, SpecFrames, VisionUpdat
 from engine.node import Node, Outputs
 from models.iquery import QueryCache
 from models.spectral import HOP, N_BINS, SAMPLE_RATE
-from models.streaming import Blend, check_window, end_window, step_masks, window_start
+from models.streaming import Blend, check_window, step_masks, step_window, window_start
 
 BACKENDS = ("torch", "onnx")
 
@@ -241,11 +241,9 @@ class Separator(Node):
     @torch.no_grad()
     def _step(self, stream: str, st: _Stream) -> Outputs:
         e, block = st.next_emit, min(self.block, st.n_frames - st.next_emit)
-        s, offset = window_start(e, self.window, self.block, self.lookahead), None
-        end = None if st.ended is None else end_window(e, st.n_frames, self.window, self.block,
-                                                        self.lookahead)
-        if end is not None:  # the stream's last frames: read its last window, no silence
-            s, offset = end, e - end
+        # Once the stream has ended, its last steps read its last window (no silence after it).
+        s, offset = step_window(e, self.window, self.block, self.lookahead,
+                                None if st.ended is None else st.n_frames)
         s -= st.buf_start
         win = st.buf[:, s:s + self.window]
         assert win.shape[1] == self.window, f"window of {win.shape[1]} frames at step {e}"

@@ -85,7 +85,7 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     import torch
 
     from models.spectral import istft, stft
-    from models.streaming import Blend, check_window, end_window, step_masks, window_start
+    from models.streaming import Blend, check_window, step_masks, step_window
     from training.evaluate import query_from
     from training.separate import motion_window
 
@@ -104,10 +104,8 @@ def streamed_gt_estimates(model: object, item: dict, names: list[str], block: in
     blender, out = Blend(window, block, lookahead), []
     with torch.no_grad():
         for e in range(0, n_frames, block):
-            start, offset = window_start(e, window, block, lookahead), None  # < 0: zeros there
-            end = end_window(e, n_frames, window, block, lookahead)
-            if end is not None:  # the clip's last frames: its last window, as the node
-                start, offset = end, e - end
+            # start < 0: zeros there; the clip's last steps read its last window, as the node
+            start, offset = step_window(e, window, block, lookahead, n_frames)
             motion, pad = zip(*[motion_window(q.motion, start, window) for q in queries],
                               strict=True)
             mot = torch.from_numpy(np.stack(motion))[None]
