@@ -26,7 +26,8 @@ PAD = N_FFT // 2  # 511 zeros on each side
 _WARP_BASE = 21.0
 
 _window_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-_warp_cache: dict[tuple[str, int, int, torch.device, torch.dtype], Tensor] = {}
+_warp_cache: dict[tuple[str, int, int, torch.device, torch.dtype],
+                  tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def hann_window(device: torch.device | str | None = None,
@@ -232,20 +233,18 @@ class StreamingISTFT:
         return self._take(self._acc_start + self._acc.shape[-1])
 
 
-def _interp_matrix(positions: Tensor, n_in: int) -> Tensor:
-    """Linear interpolation matrix (n_out, n_in) reading the input at fractional positions."""
+def _interp_taps(positions: Tensor, n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Linear interpolation reading the input at fractional positions: output row i is
+    w_lo[i] * row lo[i] + w_hi[i] * row lo[i] + 1. -> lo (n_out,) long, w_lo and w_hi
+    (n_out, 1)."""
     pos = positions.clamp(0, n_in - 1)
     lo = pos.floor().long().clamp(max=n_in - 2)
     frac = pos - lo.to(pos.dtype)
-    mat = torch.zeros(positions.shape[0], n_in, dtype=pos.dtype)
-    rows = torch.arange(positions.shape[0])
-    mat[rows, lo] = 1 - frac
-    mat[rows, lo + 1] = frac
-    return mat
+    return lo, (1 - frac)[:, None], frac[:, None]
 
 
-def _warp_matrix(kind: str, n_out: int, n_in: int, device: torch.device,
-                 dtype: torch.dtype) -> Tensor:
+def _warp_taps(kind: str, n_out: int, n_in: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     key = (kind, n_out, n_in, device, dtype)
     if key not in _warp_cache:
         u = torch.linspace(0, 1, n_out, dtype=torch.float64)
@@ -253,8 +252,18 @@ def _warp_matrix(kind: str, n_out: int, n_in: int, device: torch.device,
             pos = (_WARP_BASE ** u - 1) / (_WARP_BASE - 1) * (n_in - 1)
         else:  # bin u reads the log-grid row that holds its frequency
             pos = torch.log1p(u * (_WARP_BASE - 1)) / math.log(_WARP_BASE) * (n_in - 1)
-        _warp_cache[key] = _interp_matrix(pos, n_in).to(device=device, dtype=dtype)
+        lo, w_lo, w_hi = _interp_taps(pos, n_in)
+        _warp_cache[key] = (lo.to(device), w_lo.to(device=device, dtype=dtype),
+                            w_hi.to(device=device, dtype=dtype))
     return _warp_cache[key]
+
+
+def _resample_rows(x: Tensor, kind: str, n_out: int) -> Tensor:
+    """Interpolate x (..., n_in, T) along its rows onto n_out rows (the two taps of each row
+    gathered: ~5x faster on the CPU than the equivalent dense (n_out, n_in) matmul)."""
+    lo, w_lo, w_hi = _warp_taps(kind, n_out, x.shape[-2], x.device, x.dtype)
+    x = x.contiguous()  # a transposed STFT view gathers rows ~6x slower
+    return torch.addcmul(x.index_select(-2, lo) * w_lo, x.index_select(-2, lo + 1), w_hi)
 
 
 def warp(x: Tensor, n_rows: int) -> Tensor:
@@ -265,8 +274,7 @@ def warp(x: Tensor, n_rows: int) -> Tensor:
     """
     if n_rows < 2:
         raise ValueError(f"warp needs n_rows >= 2, got {n_rows}")
-    mat = _warp_matrix("warp", n_rows, x.shape[-2], x.device, x.dtype)
-    return torch.matmul(mat, x)
+    return _resample_rows(x, "warp", n_rows)
 
 
 def unwarp(x: Tensor, n_bins: int = N_BINS) -> Tensor:
@@ -276,8 +284,7 @@ def unwarp(x: Tensor, n_bins: int = N_BINS) -> Tensor:
     """
     if x.shape[-2] < 2:
         raise ValueError(f"unwarp needs at least 2 rows, got shape {tuple(x.shape)}")
-    mat = _warp_matrix("unwarp", n_bins, x.shape[-2], x.device, x.dtype)
-    return torch.matmul(mat, x)
+    return _resample_rows(x, "unwarp", n_bins)
 
 
 def model_input(spec: Tensor, n_rows: int) -> Tensor:

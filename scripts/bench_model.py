@@ -31,6 +31,9 @@ from models.spectral import (
     StreamingSTFT,
     apply_masks,
     model_input,
+    stft,
+    unwarp,
+    warp,
 )
 from models.visual import MotionEncoder, ObjectEncoder
 from training.factory import PRESETS, build_model
@@ -193,7 +196,8 @@ def run_rounds(jobs: dict[str, tuple[Callable[[], object], int]], rounds: int) -
 
 
 def fmt(ms: list[float]) -> str:
-    return f"{statistics.median(ms):8.1f} ms  [{min(ms):.1f} - {max(ms):.1f}]"
+    digits = 1 if statistics.median(ms) >= 10 else 3  # the warp rows are well under 1 ms
+    return f"{statistics.median(ms):8.{digits}f} ms  [{min(ms):.{digits}f} - {max(ms):.{digits}f}]"
 
 
 def n_params(model: torch.nn.Module) -> str:
@@ -258,6 +262,10 @@ def bench(args: argparse.Namespace) -> None:
             (train_fn(build_model("cpu", n_rows=256), precision="bf16"), 3),
         # A grid as fine as the linear bins: its IRM ceiling is 0.55 dB higher (RESULTS.md 30)
         "cpu, 512 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=512)), 3),
+        # The log-frequency warp of a training batch's source spectra (K=3, batch 8, as
+        # train.to_tensors reads them from the STFT) and the engine's unwarp of a step's masks,
+        # each as warp() does it (two taps gathered) and as a dense matrix (before 2026-11-25)
+        **warp_jobs(),
         "ObjectEncoder: 1 crop 224x224": (encoder_fn(ObjectEncoder(), 224), 3),
         "ObjectEncoder: 1 crop 112x112": (encoder_fn(ObjectEncoder(), 112), 5),
         "MotionEncoder: 1 tube 16x112x112": (tube_fn(MotionEncoder()), 3),
@@ -285,6 +293,28 @@ def bench(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: no job name contains {args.only!r}")
     for name, ms in run_rounds(jobs, args.rounds).items():
         print(f"{name:70s} {fmt(ms)}")
+
+
+def _dense(kind: str, n_out: int, n_in: int) -> torch.Tensor:
+    """The (n_out, n_in) interpolation matrix of warp / unwarp, read off the functions."""
+    eye = torch.eye(n_in)[None, None]  # column j of the identity is the input bin j
+    return (warp(eye, n_out) if kind == "warp" else unwarp(eye, n_out))[0, 0]
+
+
+def warp_jobs() -> dict[str, tuple[Callable[[], object], int]]:
+    spec = stft(torch.randn(BATCH, 3, 63 * HOP))  # (8, 3, 512, 64), transposed FFT layout
+    mag = spec.abs()
+    to_rows = _dense("warp", 256, mag.shape[-2])
+    masks = torch.rand(1, 2, 256, 16)  # one streaming step's masks (Q=2, 16 frames emitted)
+    to_bins = _dense("unwarp", spec.shape[-2], 256)
+    return {
+        "warp: 24 spectra 512 -> 256 rows, two taps gathered": (lambda: warp(mag, 256), 20),
+        "warp: 24 spectra 512 -> 256 rows, dense matrix": (lambda: to_rows @ mag, 20),
+        "unwarp: 2 masks x 16 frames 256 -> 512 bins, two taps gathered":
+            (lambda: unwarp(masks), 200),
+        "unwarp: 2 masks x 16 frames 256 -> 512 bins, dense matrix":
+            (lambda: to_bins @ masks, 200),
+    }
 
 
 def encoder_fn(enc: ObjectEncoder, size: int) -> Callable[[], object]:

@@ -1,13 +1,15 @@
 """The real Mix-and-Separate step of training/train.py (sampling, STFTs, forward, backward,
 optimizers) under its process-level settings, as ratios in one run: glibc's malloc keeping freed
-memory or not (train.retain_freed_memory), and fused or per-parameter Adam / AdamW.
+memory or not (train.retain_freed_memory), and fused or per-parameter Adam / AdamW. With
+--batches it times train.py's configuration at several batch sizes instead: the steps and the
+mixtures a fixed budget buys at each.
 
 Each configuration runs in its own fresh process (a malloc setting holds for a whole process),
 and the rounds interleave them, so load from other programs hits every configuration alike.
 The clips are synthetic noise (no dataset needed): the step's cost does not depend on content.
 
     .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
-        [--threads 2] [--rounds 5] [--steps 20] [--warmup 5]
+        [--threads 2] [--rounds 5] [--steps 20] [--warmup 5] [--batches 4,8,16]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        train.train_step(model, opts, sampler, 8, model.n_rows, device)
+        train.train_step(model, opts, sampler, args.batch, model.n_rows, device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     print(json.dumps({"ms": 1e3 * statistics.median(times)}))
@@ -76,7 +78,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5,
                     help="untimed steps first (default 5): glibc adapts its mmap threshold to "
                          "the blocks freed, so a long run's default may differ from a fresh one")
+    ap.add_argument("--batches", default="",
+                    help="comma-separated batch sizes (e.g. 4,8,16): time train.py's "
+                         "configuration at each instead of the configurations above")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -84,21 +90,32 @@ def main() -> None:
     common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
               "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
-    print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, batch 8, {args.threads} threads, "
+    if args.batches:  # (label, config, batch) per worker; train.py's configuration only
+        batches = [int(b) for b in args.batches.split(",")]
+        runs = [(f"batch {b}", list(CONFIGS)[-1], b) for b in batches]
+    else:
+        runs = [(name, name, 8) for name in CONFIGS]
+    print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, "
+          f"batch {args.batches or 8}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup}; "
           "median [min - max] of per-round medians")
-    ms: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    ms: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     for r in range(args.rounds):
-        for name in CONFIGS:
-            out = subprocess.run([sys.executable, __file__, "--worker", name, *common],
+        for label, config, batch in runs:
+            out = subprocess.run([sys.executable, __file__, "--worker", config, "--batch",
+                                  str(batch), *common],
                                  check=True, capture_output=True, text=True).stdout
-            ms[name].append(json.loads(out.strip().splitlines()[-1])["ms"])
+            ms[label].append(json.loads(out.strip().splitlines()[-1])["ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    base = statistics.median(ms[next(iter(CONFIGS))])
-    for name, values in ms.items():
+    base = statistics.median(ms[runs[0][0]])
+    for (label, _, batch), values in zip(runs, ms.values(), strict=True):
         med = statistics.median(values)
-        print(f"{name:45s} {med:6.1f} ms [{min(values):6.1f} - {max(values):6.1f}]  "
-              f"x{base / med:.2f}")
+        line = (f"{label:45s} {med:6.1f} ms [{min(values):6.1f} - {max(values):6.1f}]  "
+                f"x{base / med:.2f}")
+        if args.batches:  # x = steps one budget buys against the first batch size; mixtures too
+            line += (f"  {med / batch:5.2f} ms/mixture, "
+                     f"mixtures x{base / med * batch / runs[0][2]:.2f}")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -137,9 +137,9 @@ def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device,
     x (B, 1, n_rows, T); target (B, K, n_rows, T) = |S_k| / |S_mix| clamped to [0, 1] on the
     warped grid; weight (B, 1 or K, n_rows, T) from loss_weight(..., weighting)."""
     src = torch.from_numpy(batch["sources"]).to(device)  # (B, K, N)
-    mix = src.sum(1)
-    spec_mix = stft(mix)  # (B, 512, T)
-    mag_src = warp(stft(src).abs(), n_rows)  # (B, K, rows, T)
+    spec_src = stft(src)  # (B, K, 512, T)
+    spec_mix = spec_src.sum(1)  # = stft(src.sum(1)) (linear) without a third STFT
+    mag_src = warp(spec_src.abs(), n_rows)  # (B, K, rows, T)
     mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
     target = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
     weight = loss_weight(mag_mix, mag_src, weighting)

@@ -116,6 +116,27 @@ def test_warp_unwarp_round_trip_smooth() -> None:
     assert torch.all(rows[1:] > rows[:-1])
 
 
+def test_warp_and_unwarp_are_linear_interpolation_at_the_log_grid() -> None:
+    """Against numpy's interp, column by column: warp's row u reads linear bin
+    (21**u - 1) / 20 * 511, unwarp's bin v reads the row that holds its frequency."""
+    x = torch.randn(2, 3, N_BINS, 5, generator=torch.Generator().manual_seed(7))
+    rows = 256
+    u = np.linspace(0, 1, rows)
+    at_bins = (21.0 ** u - 1) / 20 * (N_BINS - 1)
+    ref = np.apply_along_axis(lambda col: np.interp(at_bins, np.arange(N_BINS), col), 2,
+                              x.double().numpy())
+    np.testing.assert_allclose(warp(x, rows).numpy(), ref, atol=1e-5)
+    w = torch.randn(2, 3, rows, 5, generator=torch.Generator().manual_seed(8))
+    v = np.linspace(0, 1, N_BINS)
+    at_rows = np.log1p(20 * v) / np.log(21) * (rows - 1)
+    ref = np.apply_along_axis(lambda col: np.interp(at_rows, np.arange(rows), col), 2,
+                              w.double().numpy())
+    np.testing.assert_allclose(unwarp(w).numpy(), ref, atol=1e-5)
+    # A transposed (non-contiguous) view gives the same numbers.
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert torch.equal(warp(xt, rows), warp(x, rows))
+
+
 def test_model_input() -> None:
     spec = stft(torch.randn(2, 4000))
     x = model_input(spec, 128)
