@@ -91,7 +91,12 @@ def main() -> None:
               "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup)]
     if args.batches:  # (label, config, batch) per worker; train.py's configuration only
-        batches = [int(b) for b in args.batches.split(",")]
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            ap.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 4,8,16")
+        if min(batches) < 1:
+            ap.error(f"--batches {args.batches!r}: batch sizes must be >= 1")
         runs = [(f"batch {b}", list(CONFIGS)[-1], b) for b in batches]
     else:
         runs = [(name, name, 8) for name in CONFIGS]
