@@ -260,8 +260,8 @@ def _warp_taps(kind: str, n_out: int, n_in: int, device: torch.device,
 
 def _resample_rows(x: Tensor, kind: str, n_out: int) -> Tensor:
     """Interpolate x (..., n_in, T) along its rows onto n_out rows. The two taps of each row
-    are gathered: half the time of the equivalent dense (n_out, n_in) matmul on a training
-    batch's spectra, slower only on a few frames (`scripts/bench_model.py --only warp`)."""
+    are gathered: about half the time of the equivalent dense (n_out, n_in) matmul on a
+    training batch's spectra and on a live step's masks (`scripts/bench_model.py --only warp`)."""
     lo, w_lo, w_hi = _warp_taps(kind, n_out, x.shape[-2], x.device, x.dtype)
     x = x.contiguous()  # gathering the rows of a transposed STFT view in place was ~6x slower
     return torch.addcmul(x.index_select(-2, lo) * w_lo, x.index_select(-2, lo + 1), w_hi)

@@ -305,15 +305,17 @@ def warp_jobs() -> dict[str, tuple[Callable[[], object], int]]:
     spec = stft(torch.randn(BATCH, 3, 63 * HOP))  # (8, 3, 512, 64), transposed FFT layout
     mag = spec.abs()
     to_rows = _dense("warp", 256, mag.shape[-2])
-    masks = torch.rand(1, 2, 256, 16)  # one streaming step's masks (Q=2, 16 frames emitted)
+    # One live step's masks as models.streaming.step_masks unwarps them: Q=2 sources, the 2
+    # emitted frames (block 2, look-ahead 4) sliced from the 64-frame window's masks
+    emitted = torch.rand(2, 256, 64)[:, :, 58:60]
     to_bins = _dense("unwarp", spec.shape[-2], 256)
     return {
         "warp: 24 spectra 512 -> 256 rows, two taps gathered": (lambda: warp(mag, 256), 20),
         "warp: 24 spectra 512 -> 256 rows, dense matrix": (lambda: to_rows @ mag, 20),
-        "unwarp: 2 masks x 16 frames 256 -> 512 bins, two taps gathered":
-            (lambda: unwarp(masks), 200),
-        "unwarp: 2 masks x 16 frames 256 -> 512 bins, dense matrix":
-            (lambda: to_bins @ masks, 200),
+        "unwarp: a live step's masks (2 x 256 x 2) -> 512 bins, two taps gathered":
+            (lambda: unwarp(emitted), 500),
+        "unwarp: a live step's masks (2 x 256 x 2) -> 512 bins, dense matrix":
+            (lambda: to_bins @ emitted, 500),
     }
 
 
