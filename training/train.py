@@ -138,7 +138,7 @@ def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device,
     warped grid; weight (B, 1 or K, n_rows, T) from loss_weight(..., weighting)."""
     src = torch.from_numpy(batch["sources"]).to(device)  # (B, K, N)
     spec_src = stft(src)  # (B, K, 512, T)
-    spec_mix = spec_src.sum(1)  # = stft(src.sum(1)) (linear) without a third STFT
+    spec_mix = spec_src.sum(1)  # = stft(src.sum(1)): the STFT is linear, so no STFT of the mix
     mag_src = warp(spec_src.abs(), n_rows)  # (B, K, rows, T)
     mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
     target = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
