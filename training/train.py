@@ -8,7 +8,8 @@ Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p 
 mixture magnitude (the paper's; --loss-weight mag / source weigh the bins as SDR does, an
 ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam for the audio network;
 a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels'
-published two drops); validation SDR on a fixed set of val mixtures, best kept by val only.
+published two drops; --lr-schedule linear decays every LR linearly to zero at the end of the
+budget instead); validation SDR on a fixed set of val mixtures, best kept by val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
@@ -360,8 +361,18 @@ def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows:
 LR_STEPS = (0.8,)
 
 
-def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS) -> float:
-    """Step schedule scaled to the budget: x0.1 at each fraction in `steps` passed."""
+LR_SCHEDULES = ("step", "linear")
+
+
+def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS,
+              schedule: str = "step") -> float:
+    """The LR's factor at `progress` (0..1 of the budget). "step": x0.1 at each fraction in
+    `steps` passed. "linear": 1 at the start down to 0 at the end of the budget (every step
+    anneals, rather than the last 20 % at a tenth of the LR)."""
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule != "step":
+        raise ValueError(f"LR schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     return 0.1 ** sum(progress >= s for s in steps)
 
 
@@ -375,11 +386,12 @@ def mix_size(progress: float, n_mix: int, n_mix_final: int | None,
 
 
 def set_lr(opts: list, base_lrs: list[list[float]], progress: float,
-           steps: tuple[float, ...] = LR_STEPS) -> None:
-    """Apply the step schedule at `progress` (0..1 of the budget) to every param group."""
+           steps: tuple[float, ...] = LR_STEPS, schedule: str = "step") -> None:
+    """Apply the schedule at `progress` (0..1 of the budget) to every param group."""
+    factor = lr_factor(progress, steps, schedule)
     for o, lrs in zip(opts, base_lrs, strict=True):
         for g, lr in zip(o.param_groups, lrs, strict=True):
-            g["lr"] = lr * lr_factor(progress, steps)
+            g["lr"] = lr * factor
 
 
 class NonFiniteStep(RuntimeError):
@@ -501,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-steps", default=",".join(str(f) for f in LR_STEPS),
                     help="fractions of the budget where every LR drops x0.1 (default 0.8; "
                          "0.4,0.8 is Sound-of-Pixels' published --lr_steps 40 80 of 100 epochs)")
+    ap.add_argument("--lr-schedule", default="step", choices=LR_SCHEDULES,
+                    help="step (default): x0.1 at each of --lr-steps; linear: every LR "
+                         "decays linearly to zero at the end of the budget (--lr-steps then "
+                         "only marks where --n-mix-final switches K)")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,
@@ -688,6 +704,7 @@ def train(args: argparse.Namespace) -> int:
     max_steps = args.steps if args.steps is not None else 10 ** 9
     meta = {"model": args.model, "preset": args.preset,
             "kwargs": sep_kwargs, "lr_steps": list(args.lr_steps),
+            "lr_schedule": args.lr_schedule,
             "data": str(args.data), "command": "python -m training.train " + " ".join(
                 sys.argv[1:]), "class_names": names, "n_mix": args.n_mix,
             "n_mix_final": args.n_mix_final, "batch": args.batch,
@@ -713,7 +730,7 @@ def train(args: argparse.Namespace) -> int:
         if stop.item():
             break
         progress = max(info["step"] / max_steps, elapsed / budget_s)
-        set_lr(opts, base_lrs, progress, args.lr_steps)
+        set_lr(opts, base_lrs, progress, args.lr_steps, args.lr_schedule)
         sampler.n_mix = mix_size(progress, args.n_mix, args.n_mix_final, args.lr_steps)
         terms: dict[str, float] = {}
         try:

@@ -480,7 +480,21 @@ def test_lr_schedule_drops_tenfold_at_each_step_of_the_budget():
         [lr for lrs in base for lr in lrs])
 
 
+def test_linear_lr_schedule_decays_to_zero_at_the_end_of_the_budget():
+    assert [lr_factor(p, (0.8,), "linear") for p in (0.0, 0.25, 0.8, 1.0, 1.1)] == pytest.approx(
+        [1.0, 0.75, 0.2, 0.0, 0.0])
+    model = small_model("iquery")
+    opts = make_optimizers(model, 1e-4, 1e-3)
+    base = [[g["lr"] for g in o.param_groups] for o in opts]
+    set_lr(opts, base, 0.5, (0.8,), "linear")
+    assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
+        [lr * 0.5 for lrs in base for lr in lrs])
+    with pytest.raises(ValueError, match="LR schedule"):
+        lr_factor(0.5, (0.8,), "cosine")
+
+
 @pytest.mark.parametrize("flag, bad, says", [
+    ("--lr-schedule", "cosine", "--lr-schedule"),
     ("--lr-steps", "0.4,1.2", "--lr-steps"), ("--lr-steps", "half", "--lr-steps"),
     ("--lr-steps", "0", "--lr-steps"),  # fractions of the budget, in (0, 1)
     ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2"),
