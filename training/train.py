@@ -548,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="STFT frames per training window, replacing the preset's (cpu: 64, "
                          "~1.5 s; paper: 256): more time context per mask, ~2x the step cost "
                          "per doubling at a fixed --batch; a multiple of 2^(U-Net depth)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="dropout of the transformer's attention and feed-forward layers, "
+                         "replacing the preset's (0.1, as the paper's DETR-style decoder); "
+                         "iquery models only")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: the forward pass under bfloat16 autocast (weights, optimizer "
                          "and loss stay float32; validation runs in float32): on a CPU with "
@@ -585,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             # The U-Net halves both axes at every level, down to a single cell.
             ap.error(f"{flag} must be a positive multiple of {unit} for the {args.preset} "
                      f"preset's U-Net, got {value}")
+    if args.dropout is not None and (args.model == "sop" or not 0.0 <= args.dropout < 1.0):
+        ap.error(f"--dropout takes a value in [0, 1) for an iquery model, got {args.dropout} "
+                 f"for {args.model}")
     if args.n_mix < 2:
         ap.error(f"--n-mix must be >= 2 (a mixture of one clip has nothing to separate), "
                  f"got {args.n_mix}")
@@ -661,7 +668,8 @@ def train(args: argparse.Namespace) -> int:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
     overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf),
-                                   ("n_frames", args.n_frames)) if v is not None}
+                                   ("n_frames", args.n_frames), ("dropout", args.dropout))
+                 if v is not None}
     model = make_model(args.model, args.preset, **overrides)
     n_rows, n_frames, sep_kwargs = model.n_rows, model.n_frames, dict(model.kwargs)
     tubes = args.motion_e2e is not None

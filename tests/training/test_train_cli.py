@@ -182,6 +182,23 @@ def test_cli_n_rows_ngf_and_precision_override_the_preset(fake_data, tmp_path):
                if w.is_floating_point())  # the checkpoint is float32 whatever the precision
 
 
+def test_cli_dropout_overrides_the_preset_and_is_saved(fake_data, tmp_path):
+    out = tmp_path / "drop"
+    assert main(["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--dropout", "0"]) == 0
+    model, meta = load_checkpoint(out / "best")
+    assert model.kwargs["dropout"] == meta["kwargs"]["dropout"] == 0.0  # the preset's is 0.1
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_cli_dropout_refuses_sound_of_pixels(fake_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", str(fake_data), "--model", "sop", "--steps", "1",
+              "--out", str(tmp_path / "r"), "--dropout", "0"])
+    assert "--dropout takes a value in [0, 1) for an iquery model" in capsys.readouterr().err
+
+
 def test_cli_rejects_missing_features(fake_data, tmp_path, capsys):
     code = main(["--data", str(fake_data), "--steps", "1", "--out", str(tmp_path / "r"),
                  "--features", str(tmp_path / "nowhere"), "--no-progress"])
