@@ -29,6 +29,7 @@ from models.spectral import apply_masks, istft, stft, warp
 from training.metrics import bss_eval
 from training.music_data import Clip, MusicIndex, list_ensembles, load_audio, read_pairs
 from training.separate import Query, separate_wave
+from training.train import ratio_mask
 
 # A test item: name, references (K, N), mixture (N,), and per source its feature stems.
 Item = dict
@@ -142,15 +143,16 @@ def irm(item: Item) -> np.ndarray:
     return istft(mask * spec_mix, refs.shape[-1]).numpy()
 
 
-def irm_grid(item: Item, n_rows: int = 128) -> np.ndarray:
-    """The training target as an oracle: the ratio mask |S_k| / |S_mix| (clamped to [0, 1]) on
-    the model's warped grid of n_rows log-frequency rows, unwarped and applied to the mixture
-    as the model's masks are. The best a perfect separator of that resolution can do."""
+def irm_grid(item: Item, n_rows: int = 128, target: str = "mix") -> np.ndarray:
+    """The training target as an oracle: the ratio mask of training.train.ratio_mask (mix:
+    |S_k| / |S_mix| clamped to [0, 1]; sources: |S_k| / sum_j |S_j|) on the model's warped
+    grid of n_rows log-frequency rows, unwarped and applied to the mixture as the model's
+    masks are. The best a perfect separator of that resolution trained on it can do."""
     refs = torch.from_numpy(item["refs"]).float()
     spec_mix = stft(torch.from_numpy(item["mix"]).float())
     mag_src = warp(stft(refs).abs()[None], n_rows)  # (1, K, n_rows, T)
     mag_mix = warp(spec_mix.abs()[None, None], n_rows)
-    mask = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
+    mask = ratio_mask(mag_src, mag_mix, target)
     return istft(apply_masks(mask, spec_mix[None])[0], refs.shape[-1]).numpy()
 
 
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baselines", default="mixture,irm,irm_grid,nmf",
                     help="comma-separated from mixture, irm, irm_grid (the training target on "
                          "the cpu preset's 128-row grid), irm_grid256 (the same on the paper's "
+                         "256 rows), irm_grid256_sources (the --mask-target sources target on "
                          "256 rows), irm_grid512 (512 rows, as many as linear bins), nmf")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--pairs-from", default="test", choices=["test", "train", "val"],
@@ -270,10 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, Callable[[Item], np.ndarray]]] = []
     base = {"mixture": lambda it: np.stack([it["mix"]] * len(it["refs"])),
             "irm": irm, "irm_grid": irm_grid, "irm_grid256": lambda it: irm_grid(it, 256),
+            "irm_grid256_sources": lambda it: irm_grid(it, 256, "sources"),
             "irm_grid512": lambda it: irm_grid(it, 512), "nmf": nmf_oracle}
     labels = {"mixture": "Mixture", "irm": "Ideal ratio mask (oracle)",
               "irm_grid": "Ideal ratio mask on the cpu model's 128-row grid (oracle)",
               "irm_grid256": "Ideal ratio mask on the paper preset's 256-row grid (oracle)",
+              "irm_grid256_sources":
+                  "Ratio mask over the sum of the sources on the 256-row grid (oracle)",
               "irm_grid512": "Ideal ratio mask on a 512-row grid (oracle)",
               "nmf": "NMF, oracle component assignment (upper bound)"}
     for b in filter(None, args.baselines.split(",")):

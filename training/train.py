@@ -4,12 +4,14 @@ cached visual features:
     python -m training.train --data data/synth --preset cpu --model iquery --minutes 20 \
         --out runs/iquery
 
-Ratio-mask targets (clamped to [0, 1]) on the warped grid, L1 weighted by log1p of the warped
-mixture magnitude (the paper's; --loss-weight mag / source weigh the bins as SDR does, an
-ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam for the audio network;
-a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8 for Sound-of-Pixels'
-published two drops; --lr-schedule linear decays every LR linearly to zero at the end of the
-budget instead); validation SDR on a fixed set of val mixtures, best kept by val only.
+Ratio-mask targets (|S_k| / |S_mix| clamped to [0, 1], the published code's; --mask-target
+sources divides by the sum of the sources' magnitudes instead) on the warped grid, L1 weighted
+by log1p of the warped mixture magnitude (the paper's; --loss-weight mag / source weigh the
+bins as SDR does, an ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam
+for the audio network; a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8
+for Sound-of-Pixels' published two drops; --lr-schedule linear decays every LR linearly to zero
+at the end of the budget instead); validation SDR on a fixed set of val mixtures, best kept by
+val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
@@ -108,6 +110,23 @@ def load_model_weights(stem: Path, model: nn.Module) -> None:
 
 
 LOSS_WEIGHTS = ("log1p", "mag", "source")
+MASK_TARGETS = ("mix", "sources")
+
+
+def ratio_mask(mag_src: Tensor, mag_mix: Tensor, kind: str = "mix") -> Tensor:
+    """Training target on the warped grid: mag_src (B, K, rows, T), mag_mix (B, 1, rows, T) ->
+    (B, K, rows, T) in [0, 1].
+
+    mix: |S_k| / |S_mix| clamped to [0, 1], the published code's (where sources cancel in the
+      mixture, |S_mix| < |S_k| and the clamp cuts the target).
+    sources: |S_k| / sum_j |S_j|, the form of the oracle's ideal ratio mask: the K targets of a
+      bin sum to one and need no clamp (on the 256-row grid this oracle scores 0.33 dB above
+      `mix` on the 60 val pairs, docs/RESULTS.md section 39)."""
+    if kind == "mix":
+        return (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
+    if kind == "sources":
+        return mag_src / mag_src.sum(1, keepdim=True).clamp_min(1e-8)
+    raise ValueError(f"unknown mask target {kind!r}: choose one of {', '.join(MASK_TARGETS)}")
 
 
 def loss_weight(mag_mix: Tensor, mag_src: Tensor, kind: str = "log1p") -> Tensor:
@@ -132,19 +151,19 @@ def loss_weight(mag_mix: Tensor, mag_src: Tensor, kind: str = "log1p") -> Tensor
 
 
 def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device,
-               weighting: str = "log1p") -> dict[str, Tensor]:
+               weighting: str = "log1p", target: str = "mix") -> dict[str, Tensor]:
     """Sampled numpy batch -> model inputs, targets and loss weights (all on device).
 
-    x (B, 1, n_rows, T); target (B, K, n_rows, T) = |S_k| / |S_mix| clamped to [0, 1] on the
-    warped grid; weight (B, 1 or K, n_rows, T) from loss_weight(..., weighting)."""
+    x (B, 1, n_rows, T); target (B, K, n_rows, T) = ratio_mask(..., target) on the warped
+    grid; weight (B, 1 or K, n_rows, T) from loss_weight(..., weighting)."""
     src = torch.from_numpy(batch["sources"]).to(device)  # (B, K, N)
     spec_src = stft(src)  # (B, K, 512, T)
     spec_mix = spec_src.sum(1)  # = stft(src.sum(1)): the STFT is linear, so no STFT of the mix
     mag_src = warp(spec_src.abs(), n_rows)  # (B, K, rows, T)
     mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
-    target = (mag_src / mag_mix.clamp_min(1e-8)).clamp(0, 1)
     weight = loss_weight(mag_mix, mag_src, weighting)
-    out = {"x": model_input(spec_mix, n_rows), "target": target, "weight": weight,
+    out = {"x": model_input(spec_mix, n_rows), "target": ratio_mask(mag_src, mag_mix, target),
+           "weight": weight,
            "spec_mix": spec_mix, "sources": src}
     for k in ("obj", "class_ids", "motion", "motion_pad"):
         out[k] = torch.from_numpy(batch[k]).to(device)
@@ -440,7 +459,8 @@ class PrecisionGuard:
 def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: int,
                device: torch.device, contrastive_weight: float = 0.0,
                temperature: float = 0.1, stats: dict[str, float] | None = None,
-               precision: str = "fp32", weighting: str = "log1p") -> torch.Tensor:
+               precision: str = "fp32", weighting: str = "log1p",
+               target: str = "mix") -> torch.Tensor:
     """One Mix-and-Separate step: sample `batch` mixtures, weighted L1 on the ratio masks
     (+ contrastive_weight * info_nce when the weight is > 0, iQuery only), step every
     optimizer. Returns the loss (detached from nothing: for logging only); `stats`, if
@@ -451,8 +471,8 @@ def train_step(model: nn.Module, opts: list, sampler: Any, batch: int, n_rows: i
     loss stay float32); "fp32" runs it all in float32. A non-finite loss or gradient raises
     NonFiniteStep and leaves the model as it was: no optimizer step, BatchNorm statistics
     restored (see PrecisionGuard). weighting picks the mask loss's per-bin weight
-    (loss_weight)."""
-    t = to_tensors(sampler.sample(batch), n_rows, device, weighting)
+    (loss_weight), target its ratio mask (ratio_mask)."""
+    t = to_tensors(sampler.sample(batch), n_rows, device, weighting, target)
     saved = [b.detach().clone() for b in model.buffers()]  # BatchNorm statistics, for a skip
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         if contrastive_weight > 0:
@@ -567,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
                          "separated magnitude), source (mag divided by each source's mean "
                          "magnitude: every source's relative error). Validation loss stays "
                          "log1p, comparable across runs")
+    ap.add_argument("--mask-target", default="mix", choices=list(MASK_TARGETS),
+                    help="the ratio mask trained on: mix (default, the published code's: "
+                         "|S_k| / |S_mix| clamped to [0, 1]) or sources (|S_k| / the sum of "
+                         "the sources' magnitudes, the oracle IRM's form). Validation loss "
+                         "stays mix, comparable across runs")
     ap.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                     help="keep an exponential moving average of the weights with this decay "
                          "per step (e.g. 0.999: ~1000 steps of memory), validated and saved as "
@@ -722,7 +747,7 @@ def train(args: argparse.Namespace) -> int:
             "contrastive_weight": args.contrastive_weight,
             "contrastive_temperature": args.contrastive_temperature,
             "motion_e2e": args.motion_e2e, "precision": args.precision,
-            "loss_weight": args.loss_weight, "ema": args.ema}
+            "loss_weight": args.loss_weight, "mask_target": args.mask_target, "ema": args.ema}
     guard = PrecisionGuard(info.get("precision", args.precision),  # a resumed run keeps its own
                            skipped=info.get("skipped_steps", 0),
                            fallback_step=info.get("precision_fallback_step"))
@@ -747,7 +772,8 @@ def train(args: argparse.Namespace) -> int:
             loss = train_step(model, opts, sampler, args.batch, n_rows, device,
                               contrastive_weight=args.contrastive_weight,
                               temperature=args.contrastive_temperature, stats=terms,
-                              precision=guard.precision, weighting=args.loss_weight)
+                              precision=guard.precision, weighting=args.loss_weight,
+                              target=args.mask_target)
             guard.passed()
         except NonFiniteStep:
             line = guard.failed(info["step"])  # every rank saw the same all-reduced gradients

@@ -32,6 +32,7 @@ from training.train import (
     mask_loss,
     mix_size,
     pick_precision,
+    ratio_mask,
     save_state,
     set_lr,
     to_tensors,
@@ -558,6 +559,27 @@ def test_source_loss_weight_counts_a_quiet_source_like_a_loud_one():
     silent = loss_weight(mag_mix, torch.zeros_like(mag_src), "source")
     assert torch.isfinite(silent).all() and silent.max() <= 10 * loss_weight(
         mag_mix, mag_src, "mag").max() + 1e-4
+
+
+def test_mix_target_is_the_clamped_ratio_to_the_mixture():
+    mag_mix, mag_src = _mags()
+    mag_mix = mag_mix * 0.8  # sources that partly cancel: |S_mix| < sum_k |S_k|
+    want = (mag_src / mag_mix).clamp(0, 1)
+    assert torch.equal(ratio_mask(mag_src, mag_mix), want)
+    assert (want == 1).any()  # the clamp bites where the loud source alone exceeds the mixture
+
+
+def test_sources_target_sums_to_one_and_ignores_the_mixture():
+    mag_mix, mag_src = _mags()
+    m = ratio_mask(mag_src, mag_mix * 0.8, "sources")
+    assert torch.allclose(m.sum(1), torch.ones_like(m.sum(1)))
+    assert torch.equal(m, ratio_mask(mag_src, mag_mix * 3, "sources"))
+    # it is the mix target wherever the sources' magnitudes add up to the mixture's
+    assert torch.allclose(m, ratio_mask(mag_src, mag_mix), atol=1e-6)
+    silent = ratio_mask(torch.zeros_like(mag_src), mag_mix, "sources")
+    assert torch.equal(silent, torch.zeros_like(silent))
+    with pytest.raises(ValueError, match="unknown mask target 'irm'"):
+        ratio_mask(mag_src, mag_mix, "irm")
 
 
 def test_unknown_loss_weight_is_refused():
