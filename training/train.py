@@ -15,10 +15,11 @@ val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
-pass under bfloat16 autocast where the CPU or GPU computes in bf16 (1.3-1.4x the steps in the
-same minutes here: docs/RESULTS.md section 13), float32 elsewhere; a step with non-finite
-gradients is skipped, and under bf16 it switches the run to float32 (some CPUs' AMX bf16
-kernels return NaN: section 16), logged and recorded in summary.json.
+pass under bfloat16 autocast where the CPU or GPU computes in bf16 (1.14-1.4x the steps in
+the same minutes on this project's CPUs: docs/RESULTS.md sections 13, 40), float32
+elsewhere; a step with non-finite gradients is skipped, and under bf16 it switches the run to
+float32 (some CPUs' AMX bf16 kernels return NaN: section 16), logged and recorded in
+summary.json.
 --contrastive-weight W > 0 adds W * info_nce (the paper's auxiliary contrastive loss, Table 6)
 to the iQuery loss; 0 (the default) is the plain Mix-and-Separate step.
 --motion-e2e INIT trains the motion encoder with the separator (from the pretrained encoder
@@ -578,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="bf16: the forward pass under bfloat16 autocast (weights, optimizer "
                          "and loss stay float32; validation runs in float32): on a CPU with "
-                         "AVX512-BF16 a 1.6x faster step in scripts/bench_model.py, "
-                         "1.3-1.4x the steps in a 55-minute run; fp32: all float32; auto "
+                         "AVX512-BF16 a 1.2-1.6x faster step in scripts/bench_model.py, "
+                         "1.14-1.4x the steps in a 55-minute run; fp32: all float32; auto "
                          "(default): bf16 where the device runs it natively, else fp32. A "
                          "bf16 run whose gradients turn non-finite goes on in fp32")
     ap.add_argument("--loss-weight", default="log1p", choices=list(LOSS_WEIGHTS),
