@@ -10,7 +10,7 @@ by log1p of the warped mixture magnitude (the paper's; --loss-weight mag / sourc
 bins as SDR does, an ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam
 for the audio network; a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8
 for Sound-of-Pixels' published two drops; --lr-schedule linear decays every LR linearly to zero
-at the end of the budget instead); validation SDR on a fixed set of val mixtures, best kept by
+at the end of the budget instead, --lr-schedule anneal only over the last fifth); validation SDR on a fixed set of val mixtures, best kept by
 val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
@@ -381,16 +381,23 @@ def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows:
 LR_STEPS = (0.8,)
 
 
-LR_SCHEDULES = ("step", "linear")
+LR_SCHEDULES = ("step", "linear", "anneal")
 
 
 def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS,
               schedule: str = "step") -> float:
     """The LR's factor at `progress` (0..1 of the budget). "step": x0.1 at each fraction in
     `steps` passed. "linear": 1 at the start down to 0 at the end of the budget (every step
-    anneals, rather than the last 20 % at a tenth of the LR)."""
+    anneals, rather than the last 20 % at a tenth of the LR). "anneal": 1 until the first
+    fraction in `steps`, then linearly down to 0 at the end (a warm-stable-decay cool-down: the
+    step schedule's full-LR stretch, with the tenfold drop spread over the last fifth)."""
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
+    if schedule == "anneal":
+        if not steps:
+            raise ValueError("the anneal LR schedule starts at the first of --lr-steps: give one")
+        start = min(steps)
+        return 1.0 if progress < start else max(0.0, (1.0 - progress) / (1.0 - start))
     if schedule != "step":
         raise ValueError(f"LR schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     return 0.1 ** sum(progress >= s for s in steps)
@@ -538,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="step (default): x0.1 at each of --lr-steps; linear: every LR "
                          "decays linearly to zero at the end of the budget (--lr-steps then "
                          "only marks where --n-mix-final switches K; 0.24 dB under step on "
-                         "seed 4's test pairs, docs/RESULTS.md section 38)")
+                         "seed 4's test pairs, docs/RESULTS.md section 38); anneal: full LR "
+                         "until the first of --lr-steps, then linearly down to zero at the end")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,
@@ -636,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--n-mix-final must be >= 2, got {args.n_mix_final}")
     if args.n_mix_final is not None and not args.lr_steps:
         ap.error("--n-mix-final switches K at the first LR drop: give --lr-steps")
+    if args.lr_schedule == "anneal" and not args.lr_steps:
+        ap.error("--lr-schedule anneal starts its decay at the first of --lr-steps: give one")
     if args.contrastive_weight < 0:
         ap.error(f"--contrastive-weight must be >= 0, got {args.contrastive_weight}")
     if args.contrastive_weight > 0 and args.model == "sop":

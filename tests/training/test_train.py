@@ -494,6 +494,23 @@ def test_linear_lr_schedule_decays_to_zero_at_the_end_of_the_budget():
         lr_factor(0.5, (0.8,), "cosine")
 
 
+def test_anneal_lr_schedule_holds_then_decays_to_zero_over_the_last_fifth():
+    # Full LR until the first --lr-steps fraction, then a straight line to 0 at the budget's end.
+    assert [lr_factor(p, (0.8,), "anneal") for p in (0.0, 0.79, 0.8, 0.9, 0.95, 1.0, 1.1)] == \
+        pytest.approx([1.0, 1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+    assert lr_factor(0.7, (0.6, 0.8), "anneal") == pytest.approx(0.75)  # from the first fraction
+    with pytest.raises(ValueError, match="lr-steps"):
+        lr_factor(0.5, (), "anneal")
+
+
+def test_cli_refuses_anneal_without_a_start(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",
+              "--lr-schedule", "anneal", "--lr-steps", ""])
+    assert e.value.code == 2
+    assert "--lr-schedule anneal starts its decay" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, bad, says", [
     ("--lr-schedule", "cosine", "--lr-schedule"),
     ("--lr-steps", "0.4,1.2", "--lr-steps"), ("--lr-steps", "half", "--lr-steps"),
