@@ -150,6 +150,25 @@ class StreamStep:
             self.istft.push(out[0])
 
 
+class ChannelsLastConv(torch.nn.Module):
+    """A convolution fed a channels-last copy of its input, its output handed back contiguous:
+    the layout trial for the U-Net's outer transposed convolution (the widest tensor of the
+    streaming step), without touching models/."""
+
+    def __init__(self, conv: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = conv.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+def outer_channels_last(model: IQuery) -> IQuery:
+    """`model` with its U-Net's outermost transposed convolution run channels-last."""
+    model.unet.up[0] = ChannelsLastConv(model.unet.up[0])
+    return model
+
+
 def onnx_step_fn(model: IQuery) -> Callable[[], object]:
     import onnxruntime as ort
 
@@ -193,6 +212,12 @@ def run_rounds(jobs: dict[str, tuple[Callable[[], object], int]], rounds: int) -
         for name, (fn, inner) in jobs.items():
             results[name].append(timed(fn, inner) * 1e3)
     return results
+
+
+def seeded(build: Callable[[], IQuery], seed: int = 0) -> IQuery:
+    """build() under a fixed seed, so that two layouts of one model share its weights."""
+    torch.manual_seed(seed)
+    return build()
 
 
 def fmt(ms: list[float]) -> str:
@@ -260,6 +285,13 @@ def bench(args: argparse.Namespace) -> None:
         "cpu, 256 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=256)), 3),
         "cpu, 256 rows: training step, bf16 autocast":
             (train_fn(build_model("cpu", n_rows=256), precision="bf16"), 3),
+        # The shipped grid's streaming step, its outer transposed convolution fed as is and
+        # channels-last (same weights: seed 0 both times), interleaved round by round
+        "cpu, 256 rows: streaming step, model only, outer up-conv contiguous":
+            (StreamStep(seeded(lambda: build_model("cpu", n_rows=256)), model_only=True), 20),
+        "cpu, 256 rows: streaming step, model only, outer up-conv channels-last":
+            (StreamStep(outer_channels_last(seeded(lambda: build_model("cpu", n_rows=256))),
+                        model_only=True), 20),
         # A grid as fine as the linear bins: its IRM ceiling is 0.55 dB higher (RESULTS.md 30)
         "cpu, 512 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=512)), 3),
         # The log-frequency warp of a training batch's source spectra (K=3, batch 8, as
