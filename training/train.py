@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                          "decays linearly to zero at the end of the budget (--lr-steps then "
                          "only marks where --n-mix-final switches K; 0.24 dB under step on "
                          "seed 4's test pairs, docs/RESULTS.md section 38); anneal: full LR "
-                         "until the first of --lr-steps, then linearly down to zero at the end")
+                         "until the first of --lr-steps, then linearly down to zero at the end (level "
+                         "with step on two seeds, docs/RESULTS.md section 45)")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,
