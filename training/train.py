@@ -10,8 +10,8 @@ by log1p of the warped mixture magnitude (the paper's; --loss-weight mag / sourc
 bins as SDR does, an ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam
 for the audio network; a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8
 for Sound-of-Pixels' published two drops; --lr-schedule linear decays every LR linearly to zero
-at the end of the budget instead, --lr-schedule anneal only over the last fifth); validation SDR on a fixed set of val mixtures, best kept by
-val only.
+at the end of the budget instead, --lr-schedule anneal only over the last fifth); validation
+SDR on a fixed set of val mixtures, best kept by val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward
@@ -546,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                          "decays linearly to zero at the end of the budget (--lr-steps then "
                          "only marks where --n-mix-final switches K; 0.24 dB under step on "
                          "seed 4's test pairs, docs/RESULTS.md section 38); anneal: full LR "
-                         "until the first of --lr-steps, then linearly down to zero at the end (level "
-                         "with step on two seeds, docs/RESULTS.md section 45)")
+                         "until the first of --lr-steps, then linearly down to zero at the end "
+                         "(level with step on two seeds, docs/RESULTS.md section 45)")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,
