@@ -390,7 +390,7 @@ def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS,
     `steps` passed. "linear": 1 at the start down to 0 at the end of the budget (every step
     anneals, rather than the last 20 % at a tenth of the LR). "anneal": 1 until the first
     fraction in `steps`, then linearly down to 0 at the end (a warm-stable-decay cool-down: the
-    step schedule's full-LR stretch, with the tenfold drop spread over the last fifth)."""
+    step schedule's full-LR stretch, its drop spread over the rest of the budget)."""
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     if schedule == "anneal":
