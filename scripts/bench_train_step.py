@@ -2,7 +2,8 @@
 optimizers) under its process-level settings, as ratios in one run: glibc's malloc keeping freed
 memory or not (train.retain_freed_memory), and fused or per-parameter Adam / AdamW. With
 --batches it times train.py's configuration at several batch sizes instead: the steps and the
-mixtures a fixed budget buys at each.
+mixtures a fixed budget buys at each; with --mask-dims, at several widths of the audio
+embedding (train.py --mask-dim).
 
 Each configuration runs in its own fresh process (a malloc setting holds for a whole process),
 and the rounds interleave them, so load from other programs hits every configuration alike.
@@ -10,6 +11,7 @@ The clips are synthetic noise (no dataset needed): the step's cost does not depe
 
     .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
         [--threads 2] [--rounds 5] [--steps 20] [--warmup 5] [--batches 4,8,16]
+        [--mask-dims 32,16] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = train.make_model(args.model, "cpu", n_rows=args.n_rows).train()
+    sizes = {"n_rows": args.n_rows} | ({"mask_dim": args.mask_dim} if args.mask_dim else {})
+    model = train.make_model(args.model, "cpu", **sizes).train()
     opts = train.make_optimizers(model, 1e-4, 1e-3)
     if not fused:  # the same optimizers, stepping parameter by parameter
         opts = [type(o)(o.param_groups[0]["params"], lr=o.defaults["lr"],
@@ -61,7 +64,8 @@ def worker(args: argparse.Namespace) -> None:
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        train.train_step(model, opts, sampler, args.batch, model.n_rows, device)
+        train.train_step(model, opts, sampler, args.batch, model.n_rows, device,
+                         precision=args.precision)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     print(json.dumps({"ms": 1e3 * statistics.median(times)}))
@@ -81,7 +85,14 @@ def main() -> None:
     ap.add_argument("--batches", default="",
                     help="comma-separated batch sizes (e.g. 4,8,16): time train.py's "
                          "configuration at each instead of the configurations above")
+    ap.add_argument("--mask-dims", default="",
+                    help="comma-separated widths of the audio embedding (e.g. 32,16): time "
+                         "train.py's configuration at each instead (batch 8)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="the forward pass in float32 (default) or under bfloat16 autocast, "
+                         "as train.py --precision")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    ap.add_argument("--mask-dim", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -89,31 +100,42 @@ def main() -> None:
         return
     common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
               "--threads", str(args.threads), "--steps", str(args.steps),
-              "--warmup", str(args.warmup)]
-    if args.batches:  # (label, config, batch) per worker; train.py's configuration only
+              "--warmup", str(args.warmup), "--precision", args.precision]
+    if args.batches and args.mask_dims:
+        ap.error("give --batches or --mask-dims, not both")
+    if args.mask_dims:  # (label, config, batch, mask_dim) per worker
+        try:
+            dims = [int(d) for d in args.mask_dims.split(",")]
+        except ValueError:
+            ap.error(f"--mask-dims {args.mask_dims!r}: expected comma-separated integers, "
+                     "e.g. 32,16")
+        if min(dims) < 1:
+            ap.error(f"--mask-dims {args.mask_dims!r}: widths must be >= 1")
+        runs = [(f"mask_dim {d}", list(CONFIGS)[-1], 8, d) for d in dims]
+    elif args.batches:  # (label, config, batch) per worker; train.py's configuration only
         try:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
             ap.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 4,8,16")
         if min(batches) < 1:
             ap.error(f"--batches {args.batches!r}: batch sizes must be >= 1")
-        runs = [(f"batch {b}", list(CONFIGS)[-1], b) for b in batches]
+        runs = [(f"batch {b}", list(CONFIGS)[-1], b, 0) for b in batches]
     else:
-        runs = [(name, name, 8) for name in CONFIGS]
+        runs = [(name, name, 8, 0) for name in CONFIGS]
     print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, "
-          f"batch {args.batches or 8}, {args.threads} threads, "
+          f"batch {args.batches or 8}, {args.precision}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup}; "
           "median [min - max] of per-round medians")
-    ms: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    ms: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for r in range(args.rounds):
-        for label, config, batch in runs:
+        for label, config, batch, dim in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", config, "--batch",
-                                  str(batch), *common],
+                                  str(batch), "--mask-dim", str(dim), *common],
                                  check=True, capture_output=True, text=True).stdout
             ms[label].append(json.loads(out.strip().splitlines()[-1])["ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     base = statistics.median(ms[runs[0][0]])
-    for (label, _, batch), values in zip(runs, ms.values(), strict=True):
+    for (label, _, batch, _), values in zip(runs, ms.values(), strict=True):
         med = statistics.median(values)
         line = (f"{label:45s} {med:6.1f} ms [{min(values):6.1f} - {max(values):6.1f}]  "
                 f"x{base / med:.2f}")

@@ -40,7 +40,9 @@ def preset_kwargs(preset: str, arch: str = "iquery", **overrides: Any) -> dict[s
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     base = dict(PRESETS[preset])
     if arch == "sop":
-        base = {k: base[k] for k in _SOP_KEYS} | {"n_channels": base["mask_dim"]}
+        # Its audio channels play iQuery's mask_dim: one override sizes both alike.
+        base = ({k: base[k] for k in _SOP_KEYS}
+                | {"n_channels": overrides.pop("mask_dim", base["mask_dim"])})
     return base | overrides
 
 

@@ -579,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="STFT frames per training window, replacing the preset's (cpu: 64, "
                          "~1.5 s; paper: 256): more time context per mask, ~2x the step cost "
                          "per doubling at a fixed --batch; a multiple of 2^(U-Net depth)")
+    ap.add_argument("--mask-dim", type=int, default=None,
+                    help="channels of the audio embedding at full resolution that the masks "
+                         "are read from (iQuery's mask_dim, Sound-of-Pixels' audio channels), "
+                         "replacing the preset's (32, as both papers): the U-Net's outer "
+                         "transposed convolution, the widest layer, scales with it")
     ap.add_argument("--dropout", type=float, default=None,
                     help="dropout of the transformer's attention and feed-forward layers, "
                          "replacing the preset's (0.1, as the paper's DETR-style decoder); "
@@ -629,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             # The U-Net halves both axes at every level, down to a single cell.
             ap.error(f"{flag} must be a positive multiple of {unit} for the {args.preset} "
                      f"preset's U-Net, got {value}")
+    if args.mask_dim is not None and args.mask_dim < 1:
+        ap.error(f"--mask-dim must be >= 1, got {args.mask_dim}")
     if args.dropout is not None and (args.model == "sop" or not 0.0 <= args.dropout < 1.0):
         ap.error(f"--dropout takes a value in [0, 1) for an iquery model, got {args.dropout} "
                  f"for {args.model}")
@@ -710,7 +717,8 @@ def train(args: argparse.Namespace) -> int:
         if c not in names:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
     overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf),
-                                   ("n_frames", args.n_frames), ("dropout", args.dropout))
+                                   ("n_frames", args.n_frames), ("dropout", args.dropout),
+                                   ("mask_dim", args.mask_dim))
                  if v is not None}
     model = make_model(args.model, args.preset, **overrides)
     n_rows, n_frames, sep_kwargs = model.n_rows, model.n_frames, dict(model.kwargs)

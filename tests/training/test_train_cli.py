@@ -192,6 +192,18 @@ def test_cli_dropout_overrides_the_preset_and_is_saved(fake_data, tmp_path):
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
+@pytest.mark.parametrize("model, key", [("iquery", "mask_dim"), ("sop", "n_channels")])
+def test_cli_mask_dim_sizes_the_audio_embedding_of_either_model(fake_data, tmp_path, model, key):
+    out = tmp_path / model
+    assert main(["--data", str(fake_data), "--model", model, "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--mask-dim", "8"]) == 0
+    loaded, meta = load_checkpoint(out / "best")
+    assert loaded.kwargs[key] == meta["kwargs"][key] == 8  # the preset's is 32
+    # the widest layer, the U-Net's outer transposed convolution, now writes 8 channels
+    assert loaded.unet.up[0].out_channels == 8
+
+
 def test_cli_dropout_refuses_sound_of_pixels(fake_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data", str(fake_data), "--model", "sop", "--steps", "1",
