@@ -583,7 +583,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="channels of the audio embedding at full resolution that the masks "
                          "are read from (iQuery's mask_dim, Sound-of-Pixels' audio channels), "
                          "replacing the preset's (32, as both papers): the U-Net's outer "
-                         "transposed convolution, the widest layer, scales with it")
+                         "transposed convolution, the widest layer, scales with it (16: 1.07x "
+                         "the steps in a real run, ~0.3 dB lower val per step, docs/RESULTS.md "
+                         "section 46)")
     ap.add_argument("--dropout", type=float, default=None,
                     help="dropout of the transformer's attention and feed-forward layers, "
                          "replacing the preset's (0.1, as the paper's DETR-style decoder); "
