@@ -112,7 +112,7 @@ def main() -> None:
         if min(dims) < 1:
             ap.error(f"--mask-dims {args.mask_dims!r}: widths must be >= 1")
         runs = [(f"mask_dim {d}", list(CONFIGS)[-1], 8, d) for d in dims]
-    elif args.batches:  # (label, config, batch) per worker; train.py's configuration only
+    elif args.batches:  # train.py's configuration only
         try:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
