@@ -71,6 +71,17 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"ms": 1e3 * statistics.median(times)}))
 
 
+def positive_ints(ap: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """`--flag 4,8,16` -> [4, 8, 16], or a one-line usage error."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        ap.error(f"{flag} {text!r}: expected comma-separated integers, e.g. 4,8,16")
+    if min(values) < 1:
+        ap.error(f"{flag} {text!r}: values must be >= 1")
+    return values
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="iquery", choices=["iquery", "iquery_nomotion", "sop"])
@@ -103,23 +114,13 @@ def main() -> None:
               "--warmup", str(args.warmup), "--precision", args.precision]
     if args.batches and args.mask_dims:
         ap.error("give --batches or --mask-dims, not both")
-    if args.mask_dims:  # (label, config, batch, mask_dim) per worker
-        try:
-            dims = [int(d) for d in args.mask_dims.split(",")]
-        except ValueError:
-            ap.error(f"--mask-dims {args.mask_dims!r}: expected comma-separated integers, "
-                     "e.g. 32,16")
-        if min(dims) < 1:
-            ap.error(f"--mask-dims {args.mask_dims!r}: widths must be >= 1")
-        runs = [(f"mask_dim {d}", list(CONFIGS)[-1], 8, d) for d in dims]
-    elif args.batches:  # train.py's configuration only
-        try:
-            batches = [int(b) for b in args.batches.split(",")]
-        except ValueError:
-            ap.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 4,8,16")
-        if min(batches) < 1:
-            ap.error(f"--batches {args.batches!r}: batch sizes must be >= 1")
-        runs = [(f"batch {b}", list(CONFIGS)[-1], b, 0) for b in batches]
+    # (label, config, batch, mask_dim) per worker; 0: the preset's mask_dim
+    if args.mask_dims:  # train.py's configuration only
+        runs = [(f"mask_dim {d}", list(CONFIGS)[-1], 8, d)
+                for d in positive_ints(ap, "--mask-dims", args.mask_dims)]
+    elif args.batches:
+        runs = [(f"batch {b}", list(CONFIGS)[-1], b, 0)
+                for b in positive_ints(ap, "--batches", args.batches)]
     else:
         runs = [(name, name, 8, 0) for name in CONFIGS]
     print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, "
