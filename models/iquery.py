@@ -279,12 +279,13 @@ class IQuery(nn.Module):
 
     def encode_audio(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, 1, F, T) log-magnitude window -> (audio tokens (B, N_A, D) with positions
-        added, audio embedding (B, mask_dim, F, T))."""
+        added, top (B, 2 ngf, F / 2, T / 2): the input of the U-Net's outer layer, from which
+        predict_masks reads the mask_dim-channel audio embedding)."""
         assert x.shape[1:] == (1, self.n_rows, self.n_frames), (
             f"expected input (B, 1, {self.n_rows}, {self.n_frames}), got {tuple(x.shape)}")
-        emb, feat = self.unet(x)
+        top, feat = self.unet(x)
         tokens = self.audio_proj(feat).flatten(2).transpose(1, 2)  # (B, N_A, D)
-        return tokens + self.audio_pos, emb
+        return tokens + self.audio_pos, top
 
     def decode_queries(self, queries: Tensor, query_pad: Tensor, audio_tokens: Tensor) -> Tensor:
         """Audio-aware layers: queries (B, Q, D), query_pad (B, Q) bool,
@@ -295,18 +296,19 @@ class IQuery(nn.Module):
             x = ffn(cross(self_attn(x, query_pad), audio_tokens))
         return x
 
-    def predict_masks(self, q: Tensor, audio_emb: Tensor) -> Tensor:
-        """q (B, Q, D), audio_emb (B, mask_dim, F, T) -> masks (B, Q, F, T) in [0, 1]."""
+    def predict_masks(self, q: Tensor, top: Tensor) -> Tensor:
+        """q (B, Q, D), top from encode_audio -> masks (B, Q, F, T) in [0, 1]: the sigmoid of
+        each query's mask embedding dotted with the audio embedding at every bin."""
         mask_emb = self.mask_mlp(q)  # (B, Q, mask_dim)
-        return torch.sigmoid(torch.einsum("bqc,bcft->bqft", mask_emb, audio_emb))
+        return torch.sigmoid(self.unet.mix(top, mask_emb))
 
     def separate(self, x: Tensor, cache: QueryCache) -> Tensor:
         """Per audio step: x (B, 1, F, T) + cached queries -> masks (B, Q, F, T), warped domain.
 
         Masks of padded query slots are zero."""
-        tokens, emb = self.encode_audio(x)
+        tokens, top = self.encode_audio(x)
         q = self.decode_queries(cache.queries, cache.query_pad, tokens)
-        masks = self.predict_masks(q, emb)
+        masks = self.predict_masks(q, top)
         return masks.masked_fill(cache.query_pad[:, :, None, None], 0.0)
 
     def forward_with_embeddings(self, x: Tensor, obj_feats: Tensor, class_ids: Tensor,
@@ -319,9 +321,9 @@ class IQuery(nn.Module):
         (B, Q, D), encode_visual's queries; audio_q (B, Q, D), decode_queries' output).
         Embeddings of padded slots (query_pad True) are not zeroed: callers must drop them."""
         cache = self.encode_visual(obj_feats, class_ids, motion, motion_pad, query_pad)
-        tokens, emb = self.encode_audio(x)
+        tokens, top = self.encode_audio(x)
         audio_q = self.decode_queries(cache.queries, cache.query_pad, tokens)
-        masks = self.predict_masks(audio_q, emb).masked_fill(
+        masks = self.predict_masks(audio_q, top).masked_fill(
             cache.query_pad[:, :, None, None], 0.0)
         return masks, cache.queries, audio_q
 

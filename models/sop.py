@@ -45,9 +45,10 @@ class SoundOfPixels(nn.Module):
         """x (B, 1, F, T) -> masks (B, Q, F, T) in [0, 1]; zero for padded slots."""
         assert x.shape[1:] == (1, self.n_rows, self.n_frames), (
             f"expected input (B, 1, {self.n_rows}, {self.n_frames}), got {tuple(x.shape)}")
-        audio, _ = self.unet(x)  # (B, K, F, T)
+        top, _ = self.unet(x)
         vis = cache.queries * self.scale  # (B, Q, K)
-        masks = torch.sigmoid(torch.einsum("bqk,bkft->bqft", vis, audio) + self.bias)
+        # sum_k vis_k * audio_k at every bin, audio the K-channel embedding (AudioUNet.mix)
+        masks = torch.sigmoid(self.unet.mix(top, vis) + self.bias)
         return masks.masked_fill(cache.query_pad[:, :, None, None], 0.0)
 
     def forward(self, x: Tensor, obj_feats: Tensor, class_ids: Tensor | None = None,

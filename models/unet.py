@@ -1,9 +1,14 @@
 """The audio U-Net of Sound-of-Pixels / iQuery: a log-frequency spectrogram window in, an audio
-embedding at full resolution out, plus a coarse decoder feature map for the transformer."""
+embedding at full resolution out, plus a coarse decoder feature map for the transformer.
+
+Both separators only ever read the embedding through per-query weighted sums of its channels
+(one mask logit map per query), so the U-Net hands out the input of its outermost layer and
+mix() forms those sums without building the wide embedding itself."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -15,9 +20,11 @@ def _channels(ngf: int, depth: int) -> list[int]:
 class AudioUNet(nn.Module):
     """U-Net with `depth` stride-2 levels down and up (4x4 kernels, skip connections).
 
-    The input height and width must be divisible by 2 ** depth. forward() returns the
-    `out_channels`-channel embedding at full resolution and the decoder feature map at stride
+    The input height and width must be divisible by 2 ** depth. forward() returns `top`, the
+    input of the outermost up level (a linear transposed convolution to the `out_channels`-
+    channel embedding at full resolution: embedding(top)), and the decoder feature map at stride
     `token_stride` (the output of the up level that restores that stride, before its skip).
+    mix(top, coeffs) gives the per-query channel sums of the embedding.
     """
 
     def __init__(self, *, in_channels: int = 1, out_channels: int = 32, ngf: int = 64,
@@ -53,7 +60,7 @@ class AudioUNet(nn.Module):
                     nn.BatchNorm2d(ch[i - 1]), nn.ReLU(inplace=True)))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, C_in, F, T) -> (embedding (B, out_channels, F, T),
+        """x: (B, C_in, F, T) -> (top (B, 2 ngf, F / 2, T / 2),
         feature map (B, token_channels, F / token_stride, T / token_stride))."""
         step = 2 ** self.depth
         assert x.shape[-2] % step == 0 and x.shape[-1] % step == 0, (
@@ -66,10 +73,46 @@ class AudioUNet(nn.Module):
             skips.append(h)
         feat = h
         h = skips[-1]
-        for i in range(self.depth - 1, -1, -1):
+        for i in range(self.depth - 1, 0, -1):
             h = self.up[i](h)
             if i == self.token_level:
                 feat = h
-            if i > 0:
-                h = torch.cat([h, skips[i - 1]], dim=1)
+            h = torch.cat([h, skips[i - 1]], dim=1)
         return h, feat
+
+    def embedding(self, top: Tensor) -> Tensor:
+        """top (B, 2 ngf, F / 2, T / 2) -> the audio embedding (B, out_channels, F, T)."""
+        return self.up[0](top)
+
+    def mix_by_embedding(self, top: Tensor, coeffs: Tensor) -> Tensor:
+        """mix() the plain way: the full embedding, then its weighted channel sums (the ONNX
+        export's path, and the reference of the tests and benchmarks)."""
+        return torch.einsum("bqc,bcft->bqft", coeffs, self.embedding(top))
+
+    def mix(self, top: Tensor, coeffs: Tensor) -> Tensor:
+        """top (B, 2 ngf, F / 2, T / 2), coeffs (B, Q, out_channels) -> (B, Q, F, T), equal to
+        mix_by_embedding: einsum("bqc,bcft->bqft", coeffs, embedding(top)).
+
+        The outermost layer is linear (no norm, no activation), so the sum over its output
+        channels can be taken over its weights first: one transposed convolution per sample
+        from 2 ngf channels to Q (a grouped convolution, one group per sample) instead of one
+        to out_channels followed by the sum. With Q = 3 and 32 channels that is ~10x fewer
+        multiply-adds in the widest layer of the network and no full-resolution 32-channel
+        tensor to keep for the backward pass (docs/MODELS.md)."""
+        if torch.compiler.is_exporting():
+            # ONNX's ConvTranspose takes its group count as a fixed attribute, so a graph with
+            # a dynamic batch (models/export.py) cannot hold one group per sample: the exported
+            # graph sums over the embedding itself (the same function at its former cost).
+            return self.mix_by_embedding(top, coeffs)
+        layer = self.up[0]
+        b, c_in, f, t = top.shape
+        q = coeffs.shape[1]
+        if q == 0:
+            return top.new_zeros(b, 0, 2 * f, 2 * t)
+        # ConvTranspose2d weights are (C_in, C_out, kh, kw): contract C_out with each query.
+        weight = torch.einsum("bqc,icyx->biqyx", coeffs, layer.weight)
+        weight = weight.reshape(b * c_in, q, *layer.kernel_size)
+        bias = (coeffs @ layer.bias).reshape(b * q)
+        out = F.conv_transpose2d(top.reshape(1, b * c_in, f, t), weight, bias,
+                                 stride=layer.stride, padding=layer.padding, groups=b)
+        return out.reshape(b, q, *out.shape[2:])

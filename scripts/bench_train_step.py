@@ -3,7 +3,9 @@ optimizers) under its process-level settings, as ratios in one run: glibc's mall
 memory or not (train.retain_freed_memory), and fused or per-parameter Adam / AdamW. With
 --batches it times train.py's configuration at several batch sizes instead: the steps and the
 mixtures a fixed budget buys at each; with --mask-dims, at several widths of the audio
-embedding (train.py --mask-dim).
+embedding (train.py --mask-dim); with --mix, with the U-Net's per-query sums of its audio
+embedding formed through the outer layer's weights (AudioUNet.mix, since 2026-12-06) and over
+the embedding itself (AudioUNet.mix_by_embedding, before).
 
 Each configuration runs in its own fresh process (a malloc setting holds for a whole process),
 and the rounds interleave them, so load from other programs hits every configuration alike.
@@ -11,7 +13,7 @@ The clips are synthetic noise (no dataset needed): the step's cost does not depe
 
     .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
         [--threads 2] [--rounds 5] [--steps 20] [--warmup 5] [--batches 4,8,16]
-        [--mask-dims 32,16] [--precision bf16]
+        [--mask-dims 32,16] [--mix] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def worker(args: argparse.Namespace) -> None:
         train.retain_freed_memory()
     import numpy as np
     import torch
+
+    from models.unet import AudioUNet
+
+    if args.mix_by_embedding:
+        AudioUNet.mix = AudioUNet.mix_by_embedding
 
     from models.spectral import SAMPLE_RATE
     from training.mixdata import MixSampler, SoloClip
@@ -99,12 +106,17 @@ def main() -> None:
     ap.add_argument("--mask-dims", default="",
                     help="comma-separated widths of the audio embedding (e.g. 32,16): time "
                          "train.py's configuration at each instead (batch 8)")
+    ap.add_argument("--mix", action="store_true",
+                    help="time train.py's configuration with the audio embedding's per-query "
+                         "sums formed through the outer layer's weights (models/unet.py "
+                         "AudioUNet.mix, shipped) and over the embedding (mix_by_embedding)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                     help="the forward pass in float32 (default) or under bfloat16 autocast, "
                          "as train.py --precision")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     ap.add_argument("--mask-dim", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--mix-by-embedding", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -112,31 +124,36 @@ def main() -> None:
     common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
               "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--precision", args.precision]
-    if args.batches and args.mask_dims:
-        ap.error("give --batches or --mask-dims, not both")
-    # (label, config, batch, mask_dim) per worker; 0: the preset's mask_dim
-    if args.mask_dims:  # train.py's configuration only
-        runs = [(f"mask_dim {d}", list(CONFIGS)[-1], 8, d)
+    if sum(map(bool, (args.batches, args.mask_dims, args.mix))) > 1:
+        ap.error("give one of --batches, --mask-dims and --mix")
+    # (label, config, batch, mask_dim, mix by embedding) per worker; 0: the preset's mask_dim
+    shipped = list(CONFIGS)[-1]  # train.py's configuration
+    if args.mask_dims:
+        runs = [(f"mask_dim {d}", shipped, 8, d, False)
                 for d in positive_ints(ap, "--mask-dims", args.mask_dims)]
     elif args.batches:
-        runs = [(f"batch {b}", list(CONFIGS)[-1], b, 0)
+        runs = [(f"batch {b}", shipped, b, 0, False)
                 for b in positive_ints(ap, "--batches", args.batches)]
+    elif args.mix:
+        runs = [("mix over the embedding (before)", shipped, 8, 0, True),
+                ("mix through the weights (AudioUNet.mix)", shipped, 8, 0, False)]
     else:
-        runs = [(name, name, 8, 0) for name in CONFIGS]
+        runs = [(name, name, 8, 0, False) for name in CONFIGS]
     print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, "
           f"batch {args.batches or 8}, {args.precision}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup}; "
           "median [min - max] of per-round medians")
     ms: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for r in range(args.rounds):
-        for label, config, batch, dim in runs:
+        for label, config, batch, dim, by_embedding in runs:
+            extra = ["--mix-by-embedding"] if by_embedding else []
             out = subprocess.run([sys.executable, __file__, "--worker", config, "--batch",
-                                  str(batch), "--mask-dim", str(dim), *common],
+                                  str(batch), "--mask-dim", str(dim), *extra, *common],
                                  check=True, capture_output=True, text=True).stdout
             ms[label].append(json.loads(out.strip().splitlines()[-1])["ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     base = statistics.median(ms[runs[0][0]])
-    for (label, _, batch, _), values in zip(runs, ms.values(), strict=True):
+    for (label, _, batch, _, _), values in zip(runs, ms.values(), strict=True):
         med = statistics.median(values)
         line = (f"{label:45s} {med:6.1f} ms [{min(values):6.1f} - {max(values):6.1f}]  "
                 f"x{base / med:.2f}")

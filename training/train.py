@@ -50,7 +50,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
-from models.spectral import apply_masks, istft, model_input, stft, warp
+from models.spectral import apply_masks, istft, stft, warp
 from models.visual import MotionEncoder
 from training.factory import PRESETS, build_model
 from training.instruments import load_vocabulary
@@ -163,7 +163,8 @@ def to_tensors(batch: dict[str, np.ndarray], n_rows: int, device: torch.device,
     mag_src = warp(spec_src.abs(), n_rows)  # (B, K, rows, T)
     mag_mix = warp(spec_mix.abs().unsqueeze(1), n_rows)  # (B, 1, rows, T)
     weight = loss_weight(mag_mix, mag_src, weighting)
-    out = {"x": model_input(spec_mix, n_rows), "target": ratio_mask(mag_src, mag_mix, target),
+    # model_input(spec_mix, n_rows) is log1p of this same warped magnitude: reuse it.
+    out = {"x": torch.log1p(mag_mix), "target": ratio_mask(mag_src, mag_mix, target),
            "weight": weight,
            "spec_mix": spec_mix, "sources": src}
     for k in ("obj", "class_ids", "motion", "motion_pad"):

@@ -27,12 +27,13 @@ def test_stages_shapes(small_kwargs, make_batch) -> None:
     cache = model.encode_visual(batch["obj_feats"], batch["class_ids"], batch["motion"],
                                 batch["motion_pad"], batch["query_pad"])
     assert cache.queries.shape == (2, 3, 32)
-    tokens, emb = model.encode_audio(batch["x"])
+    tokens, top = model.encode_audio(batch["x"])
     assert tokens.shape == (2, (32 // 8) ** 2, 32)
-    assert emb.shape == (2, 8, 32, 32)
+    assert top.shape == (2, 2 * 8, 16, 16)  # the outer layer's input: 2 ngf at half size
+    assert model.unet.embedding(top).shape == (2, 8, 32, 32)  # mask_dim at full size
     q = model.decode_queries(cache.queries, cache.query_pad, tokens)
     assert q.shape == (2, 3, 32)
-    masks = model.predict_masks(q, emb)
+    masks = model.predict_masks(q, top)
     assert masks.shape == (2, 3, 32, 32)
     torch.testing.assert_close(model.separate(batch["x"], cache), masks)
 

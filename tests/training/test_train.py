@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.spectral import HOP
+from models.spectral import HOP, model_input
 from training.evaluate import irm, irm_grid, score_row, to_markdown
 from training.mixdata import MixSampler, SoloClip
 from training.separate import Query, motion_len, motion_window, separate_wave, window_starts
@@ -94,6 +94,13 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(name):
     with torch.no_grad():
         after = mask_loss(forward(model, batch), batch["target"], batch["weight"]).item()
     assert after < before
+
+
+def test_training_input_is_the_engines_model_input():
+    """to_tensors builds x from the warped magnitude it already has; it must stay exactly what
+    the engine feeds the separator (spectral.model_input of the mixture's STFT)."""
+    t = to_tensors(MixSampler(tone_clips(), 64, seed=0).sample(3), 128, torch.device("cpu"))
+    torch.testing.assert_close(t["x"], model_input(t["spec_mix"], 128), rtol=0, atol=0)
 
 
 def _step(model, opts, sampler):
