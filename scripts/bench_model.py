@@ -150,22 +150,10 @@ class StreamStep:
             self.istft.push(out[0])
 
 
-class ChannelsLastConv(torch.nn.Module):
-    """A convolution fed a channels-last copy of its input, its output handed back contiguous:
-    the layout trial for the U-Net's outer transposed convolution (the widest tensor of the
-    streaming step), without touching models/."""
-
-    def __init__(self, conv: torch.nn.Module) -> None:
-        super().__init__()
-        self.conv = conv.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
-
-def outer_channels_last(model: IQuery) -> IQuery:
-    """`model` with its U-Net's outermost transposed convolution run channels-last."""
-    model.unet.up[0] = ChannelsLastConv(model.unet.up[0])
+def mixed_by_embedding(model: IQuery) -> IQuery:
+    """`model` with its U-Net's per-query sums taken over the full audio embedding, as before
+    2026-12-06 (AudioUNet.mix_by_embedding), instead of through the outer layer's weights."""
+    model.unet.mix = model.unet.mix_by_embedding  # this instance only
     return model
 
 
@@ -285,13 +273,14 @@ def bench(args: argparse.Namespace) -> None:
         "cpu, 256 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=256)), 3),
         "cpu, 256 rows: training step, bf16 autocast":
             (train_fn(build_model("cpu", n_rows=256), precision="bf16"), 3),
-        # The shipped grid's streaming step, its outer transposed convolution fed as is and
-        # channels-last (same weights: seed 0 both times), interleaved round by round
-        "cpu, 256 rows: streaming step, model only, outer up-conv contiguous":
-            (StreamStep(seeded(lambda: build_model("cpu", n_rows=256)), model_only=True), 20),
-        "cpu, 256 rows: streaming step, model only, outer up-conv channels-last":
-            (StreamStep(outer_channels_last(seeded(lambda: build_model("cpu", n_rows=256))),
+        # The shipped grid's streaming step with the masks' channel sums taken over the full
+        # audio embedding (before 2026-12-06) and through the outer layer's weights
+        # (AudioUNet.mix), the same weights (seed 0 both times), interleaved round by round
+        "cpu, 256 rows: streaming step, model only, mix over the embedding (before)":
+            (StreamStep(mixed_by_embedding(seeded(lambda: build_model("cpu", n_rows=256))),
                         model_only=True), 20),
+        "cpu, 256 rows: streaming step, model only, mix through the weights":
+            (StreamStep(seeded(lambda: build_model("cpu", n_rows=256)), model_only=True), 20),
         # A grid as fine as the linear bins: its IRM ceiling is 0.55 dB higher (RESULTS.md 30)
         "cpu, 512 rows: training step, fp32": (train_fn(build_model("cpu", n_rows=512)), 3),
         # The log-frequency warp of a training batch's source spectra (K=3, batch 8, as
