@@ -45,13 +45,12 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from models.unet import AudioUNet
-
-    if args.mix_by_embedding:
-        AudioUNet.mix = AudioUNet.mix_by_embedding
-
     from models.spectral import SAMPLE_RATE
+    from models.unet import AudioUNet
     from training.mixdata import MixSampler, SoloClip
+
+    if args.mix_by_embedding:  # the former computation, for this worker process only
+        AudioUNet.mix = AudioUNet.mix_by_embedding
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
