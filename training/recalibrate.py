@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"got a {type(model).__name__}")
     names = meta.get("class_names") or [inst.name for inst in load_vocabulary()]
     excluded = set(meta.get("excluded_classes") or [])  # a prompt pre-training's held-out ones
-    clips = [c for c in load_solo(args.data, "train", names, args.features)
-             if c.class_name not in excluded]
+    try:
+        clips = [c for c in load_solo(args.data, "train", names, args.features)
+                 if c.class_name not in excluded]
+    except FileNotFoundError as e:  # no dataset there, or no feature cache
+        ap.error(f"--data {args.data}: {e}")
     try:
         sampler = MixSampler(clips, model.n_frames, args.n_mix, seed=args.seed)
     except ValueError as e:

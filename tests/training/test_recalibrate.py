@@ -95,3 +95,13 @@ def test_missing_checkpoint_is_a_usage_error(fake_data, tmp_path, capsys):
         main(["--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x"),
               "--data", str(fake_data)])
     assert "no checkpoint there" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_usage_error(tmp_path, capsys):
+    save_checkpoint(tmp_path / "best", _trained_like(), {"class_names": NAMES})
+    with pytest.raises(SystemExit) as e:
+        main(["--ckpt", str(tmp_path / "best"), "--out", str(tmp_path / "bn"),
+              "--data", str(tmp_path / "no_data")])
+    assert e.value.code == 2
+    assert "index CSV not found" in capsys.readouterr().err
+    assert not (tmp_path / "bn.json").exists()
