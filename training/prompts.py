@@ -270,11 +270,14 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     names = [i.name for i in load_vocabulary()]
     held = [c for c in args.classes.split(",") if c]
-    pairs, _ = load_items(args.data, args.seconds, None, 0)
+    pairs, _ = load_items(args.data, args.seconds, None, 0, pairs_from=args.pairs_from)
     items = [p for p in pairs if set(p["classes"]) & set(held)]
-    print(f"{len(items)} test pairs hold {held}", flush=True)
+    if not items:
+        raise ValueError(f"no {args.pairs_from} pair holds any of {held}")
+    print(f"{len(items)} {args.pairs_from} pairs hold {held}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"held_out": held, "n_pairs": len(items), "rows": {},
+    results: dict[str, Any] = {"held_out": held, "pairs_from": args.pairs_from,
+                               "n_pairs": len(items), "rows": {},
                                "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
     for spec in args.ckpt:
         label, stems = parse_ckpt(spec)
@@ -372,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed val mixtures, each holding a held-out class (default %(default)s)")
     ft.add_argument("--seed", type=int, default=0, help="seed of the training mixtures")
     ft.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    ev = sub.add_parser("evaluate", help="SDR on the test pairs holding held-out classes")
+    ev = sub.add_parser("evaluate", help="SDR on the test (or val) pairs holding held-out classes")
     ev.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")
     ev.add_argument("--classes", required=True, help="held-out class names, comma-separated")
     ev.add_argument("--ckpt", action="append", default=[],
@@ -381,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", type=Path, required=True, help="folder for results.json")
     ev.add_argument("--seconds", type=float, default=6.0,
                     help="seconds of each test pair scored (default %(default)s)")
+    ev.add_argument("--pairs-from", choices=["test", "val"], default="test",
+                    help="score the test pairs (default) or pairs of val clips, drawn as "
+                         "training.evaluate draws them: for choices between fine-tuned "
+                         "models, which never look at test")
     ev.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     rq = sub.add_parser("random-queries", help="random query assignment ablation")
     rq.add_argument("--data", type=Path, required=True, help="SynthMUSIC (or MUSIC) root")

@@ -1,12 +1,16 @@
 """Audio prompts (training/prompts.py): prompt fine-tuning through the module's own code path
 (prepare -> optimizers -> steps on held-out mixtures) moves only the prompt rows; `full` mode
 moves the network; the held-out sampler always includes a prompt id; the derangement moves
-every id."""
+every id; `evaluate` scores the val pairs for choices between fine-tuned models."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import save_checkpoint
+from training.evaluate import split_pairs
 from training.mixdata import SoloClip
 from training.prompts import (
     HeldOutSampler,
@@ -168,3 +172,25 @@ def test_finetune_cli_refuses_zero_rows(tmp_path, capsys):
         main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
               "--classes", "violin", "--steps", "1", "--rows", "0", "--out", str(tmp_path)])
     assert "--rows must be >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_val_pairs_holding_the_held_out_class(fake_data, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m", make_model("iquery", "cpu", ngf=8).eval(), {})
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--data", str(fake_data), "--classes", "banjo", "--pairs-from",
+                 "val", "--seconds", "1.5", "--ckpt", f"m={tmp_path / 'm'}",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    holding = [p for p in split_pairs(fake_data, "val")
+               if "banjo" in (p[0].class_name, p[1].class_name)]
+    assert res["pairs_from"] == "val" and res["n_pairs"] == len(holding) > 0
+    row = res["rows"]["m"]
+    assert row["held_out"]["n"] == sum((a.class_name, b.class_name).count("banjo")
+                                       for a, b in holding)
+    assert row["all"]["n"] == 2 * len(holding) and np.isfinite(row["all"]["sdr"])
+    # A class no val pair holds: a one-line error, nothing written.
+    assert main(["evaluate", "--data", str(fake_data), "--classes", "violin", "--pairs-from",
+                 "val", "--ckpt", f"m={tmp_path / 'm'}", "--out", str(tmp_path / "none")]) == 2
+    assert "no val pair holds" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
