@@ -10,6 +10,7 @@ separator's recipe, docs/RESULTS.md section 15), then fine-tune and score:
     python -m training.prompts evaluate --data data/synth --classes violin \
         --ckpt prompt=runs/ft_prompt_violin/best --ckpt full=models/checkpoints/cpu/separator \
         --out runs/eval_violin
+    (add --pairs-from val to choose between fine-tuned models on val pairs, never on test)
     python -m training.prompts random-queries --data data/synth \
         --ckpt models/checkpoints/cpu/separator --out runs/random_queries
 
