@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--ckpt {args.ckpt}: a separator checkpoint expected, "
                  f"got a {type(model).__name__}")
     names = meta.get("class_names") or [inst.name for inst in load_vocabulary()]
-    excluded = set(meta.get("excluded_classes") or [])  # a prompt pre-training's held-out ones
+    # A prompt pre-training never saw its held-out classes: leave them out. A prompt fine-tune's
+    # checkpoint names none, so its statistics include the new classes (RESULTS section 50).
+    excluded = set(meta.get("excluded_classes") or [])
     try:
         clips = [c for c in load_solo(args.data, "train", names, args.features)
                  if c.class_name not in excluded]
