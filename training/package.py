@@ -72,10 +72,21 @@ def separator_entries(sep: torch.nn.Module, sep_meta: dict) -> dict:
                            "overlap_add": "triangular weights on the warped masks"}}
 
 
+def separator_commands(sep_meta: dict) -> list:
+    """The commands that made the separator: its training and, when its BatchNorm statistics
+    were re-estimated afterwards (training.recalibrate), that command too: without it the
+    weights cannot be reproduced from the record."""
+    recal = (sep_meta.get("bn_recalibrated") or {}).get("command")
+    return [sep_meta.get("command")] + ([recal] if recal else [])
+
+
 def bundle_training(sep_meta: dict) -> dict:
     """bundle.json's record of how the separator was trained."""
-    return {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
-            "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
+    out = {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
+           "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
+    if sep_meta.get("bn_recalibrated"):
+        out["recalibrate_command"] = sep_meta["bn_recalibrated"].get("command")
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -130,7 +141,7 @@ def swap_separator(ap: argparse.ArgumentParser, out: Path, separator: Path,
         os.replace(tmp.with_suffix(suffix), stem.with_suffix(suffix))
     manifest.update(separator_entries(sep, sep_meta))
     commands = manifest.get("training_commands") or [None, None, None]
-    manifest["training_commands"] = [*commands[:2], sep_meta.get("command")]
+    manifest["training_commands"] = [*commands[:2], *separator_commands(sep_meta)]
     if results is not None:
         manifest["results"] = json.loads(results.read_text())
     bundle["visual"]["tube_frames"] = motion_len(sep.n_frames)  # both follow the window
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "detector": detector_entry(det_metrics),
         "separation": entries["separation"],
         "training_commands": [det_metrics.get("command"), obj_meta.get("command"),
-                              sep_meta.get("command")],
+                              *separator_commands(sep_meta)],
     }
     if args.results is not None and args.results.is_file():
         manifest["results"] = json.loads(args.results.read_text())

@@ -125,6 +125,20 @@ def test_separator_only_swaps_the_weights_and_their_record_and_keeps_the_rest(sh
          "motion_encoder.json", "motion_encoder.safetensors"])
 
 
+def test_a_recalibrated_separator_keeps_its_recalibration_command_in_the_record(shipped_bundle):
+    out, tmp = shipped_bundle
+    sep, meta = load_checkpoint(tmp / "new")
+    recal = "python -m training.recalibrate --ckpt new --out new_bn2 --n-mix 2"
+    save_checkpoint(tmp / "new_bn2", sep, meta | {"bn_recalibrated": {"n_mix": 2,
+                                                                       "command": recal}})
+    assert main(["--out", str(out), "--separator", str(tmp / "new_bn2"), "--separator-only"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["training_commands"] == ["detector", "encoders", "new", recal]
+    bundle = json.loads((out / "bundle.json").read_text())
+    assert bundle["training"]["command"] == "new"
+    assert bundle["training"]["recalibrate_command"] == recal
+
+
 def test_separator_only_refuses_a_separator_that_does_not_fit_the_encoders(
         shipped_bundle, capsys):
     out, tmp = shipped_bundle
