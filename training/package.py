@@ -72,11 +72,15 @@ def separator_entries(sep: torch.nn.Module, sep_meta: dict) -> dict:
                            "overlap_add": "triangular weights on the warped masks"}}
 
 
+def recalibrate_command(sep_meta: dict) -> str | None:
+    """The training.recalibrate command that re-estimated the separator's BatchNorm statistics
+    after training, if one did: without it the weights cannot be reproduced from the record."""
+    return (sep_meta.get("bn_recalibrated") or {}).get("command")
+
+
 def separator_commands(sep_meta: dict) -> list:
-    """The commands that made the separator: its training and, when its BatchNorm statistics
-    were re-estimated afterwards (training.recalibrate), that command too: without it the
-    weights cannot be reproduced from the record."""
-    recal = (sep_meta.get("bn_recalibrated") or {}).get("command")
+    """The commands that made the separator, in order: its training, then its recalibration."""
+    recal = recalibrate_command(sep_meta)
     return [sep_meta.get("command")] + ([recal] if recal else [])
 
 
@@ -84,8 +88,8 @@ def bundle_training(sep_meta: dict) -> dict:
     """bundle.json's record of how the separator was trained."""
     out = {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
            "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
-    if sep_meta.get("bn_recalibrated"):
-        out["recalibrate_command"] = sep_meta["bn_recalibrated"].get("command")
+    if recalibrate_command(sep_meta):
+        out["recalibrate_command"] = recalibrate_command(sep_meta)
     return out
 
 
