@@ -88,8 +88,9 @@ def bundle_training(sep_meta: dict) -> dict:
     """bundle.json's record of how the separator was trained."""
     out = {"command": sep_meta.get("command"), "data": sep_meta.get("data"),
            "val_sdr": (sep_meta.get("val") or {}).get("sdr")}
-    if recalibrate_command(sep_meta):
-        out["recalibrate_command"] = recalibrate_command(sep_meta)
+    recal = recalibrate_command(sep_meta)
+    if recal:
+        out["recalibrate_command"] = recal
     return out
 
 
