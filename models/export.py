@@ -36,6 +36,10 @@ def export_onnx(model: IQuery, path: str | os.PathLike, *, opset: int = 18) -> P
     """
     if not isinstance(model, IQuery):
         raise TypeError(f"export_onnx exports an IQuery, got {type(model).__name__}")
+    if len(model.prompt_offsets):
+        # The graph's inputs carry queries only; deep prompts' per-layer offsets would be lost.
+        raise ValueError("export_onnx does not export deep prompts (training.prompts --deep); "
+                         "run such a checkpoint with the torch backend")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

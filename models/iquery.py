@@ -22,11 +22,14 @@ from models.unet import AudioUNet
 class QueryCache:
     """Motion-decoded queries of one mixture, reused across audio steps.
 
-    queries: (B, Q, D); query_pad: (B, Q) bool, True where the slot holds no instrument.
+    queries: (B, Q, D); query_pad: (B, Q) bool, True where the slot holds no instrument;
+    offsets: (B, Q, n_audio_layers + 1, D) per-layer additions of deep audio prompts, or None
+    when the model has none (zero for every other slot).
     """
 
     queries: Tensor
     query_pad: Tensor
+    offsets: Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -153,19 +156,24 @@ class IQuery(nn.Module):
                  n_heads: int = 8, d_ffn: int = 1024, n_motion_layers: int = 1,
                  n_audio_layers: int = 3, mask_dim: int = 32, n_classes: int = 12,
                  n_queries: int = 16, obj_dim: int = 512, motion_dim: int = 512,
-                 dropout: float = 0.1, prompt_sizes: list[int] | tuple[int, ...] = ()) -> None:
+                 dropout: float = 0.1, prompt_sizes: list[int] | tuple[int, ...] = (),
+                 deep_prompts: list[bool] | tuple[bool, ...] = ()) -> None:
         super().__init__()
         if n_queries < n_classes:
             raise ValueError(f"n_queries ({n_queries}) must be >= n_classes ({n_classes})")
         if d_model % 4:
             raise ValueError(f"d_model must be divisible by 4 (2-D positions), got {d_model}")
+        if deep_prompts and len(deep_prompts) != len(prompt_sizes):
+            raise ValueError(f"deep_prompts ({len(deep_prompts)}) must match prompt_sizes "
+                             f"({len(prompt_sizes)})")
         self.kwargs = {
             "n_rows": n_rows, "n_frames": n_frames, "ngf": ngf, "unet_depth": unet_depth,
             "token_stride": token_stride, "d_model": d_model, "n_heads": n_heads, "d_ffn": d_ffn,
             "n_motion_layers": n_motion_layers, "n_audio_layers": n_audio_layers,
             "mask_dim": mask_dim, "n_classes": n_classes, "n_queries": n_queries,
             "obj_dim": obj_dim, "motion_dim": motion_dim, "dropout": dropout,
-            "prompt_sizes": [int(n) for n in prompt_sizes]}
+            "prompt_sizes": [int(n) for n in prompt_sizes],
+            "deep_prompts": [bool(d) for d in deep_prompts] or [False] * len(prompt_sizes)}
         self.n_rows, self.n_frames = n_rows, n_frames
         self.n_classes, self.n_queries = n_classes, n_queries
         self.d_model, self.mask_dim = d_model, mask_dim
@@ -175,6 +183,12 @@ class IQuery(nn.Module):
         self.query_embed = nn.Embedding(n_queries, d_model)
         self.prompt_embeds = nn.ParameterList(
             [nn.Parameter(torch.randn(n, d_model) * 0.02) for n in self.kwargs["prompt_sizes"]])
+        # Deep prompts (a variant beside the paper's one row): per prompt row, a vector added
+        # to its query before each audio-aware layer and before the mask MLP.
+        self.prompt_offsets = nn.ParameterList(
+            [nn.Parameter(torch.zeros(n, n_audio_layers + 1, d_model))
+             for n, deep in zip(self.kwargs["prompt_sizes"], self.kwargs["deep_prompts"],
+                                strict=True) if deep])
         self.obj_proj = nn.Linear(obj_dim, d_model)
         self.motion_proj = nn.Linear(motion_dim, d_model)
         self.motion_cross = nn.ModuleList(
@@ -210,12 +224,27 @@ class IQuery(nn.Module):
         """All query embeddings, id order: (n_ids, D)."""
         return torch.cat([self.query_embed.weight, *self.prompt_embeds], dim=0)
 
-    def add_prompts(self, n: int) -> list[int]:
+    def offset_table(self) -> Tensor | None:
+        """Deep prompts' per-layer offsets in id order, (n_ids, n_audio_layers + 1, D), zero
+        for every query that is not a deep prompt; None when there is none."""
+        if not self.prompt_offsets:
+            return None
+        shape = (len(self.audio_self) + 1, self.d_model)
+        ref = self.query_embed.weight
+        parts, deep = [ref.new_zeros(self.n_queries, *shape)], iter(self.prompt_offsets)
+        for n, is_deep in zip(self.kwargs["prompt_sizes"], self.kwargs["deep_prompts"],
+                              strict=True):
+            parts.append(next(deep) if is_deep else ref.new_zeros(n, *shape))
+        return torch.cat(parts, dim=0)
+
+    def add_prompts(self, n: int, deep: bool = False) -> list[int]:
         """Add n audio-prompt queries (paper Sec. 3.4) and freeze every other parameter.
 
         Returns the new query ids. Only the new rows require grad afterwards; they live in their
         own nn.Parameter, so an optimizer built from the trainable parameters cannot touch (or
-        weight-decay) any other row.
+        weight-decay) any other row. deep=True also gives each row a vector per audio-aware
+        layer and one before the mask MLP (zero at first, so training starts from the one-row
+        prompt): more of the query side steered, every other class's path still unchanged.
         """
         if n < 1:
             raise ValueError(f"add_prompts needs n >= 1, got {n}")
@@ -228,7 +257,11 @@ class IQuery(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.prompt_embeds.append(new)
+        if deep:
+            self.prompt_offsets.append(
+                nn.Parameter(init.new_zeros(n, len(self.audio_self) + 1, self.d_model)))
         self.kwargs["prompt_sizes"].append(n)
+        self.kwargs["deep_prompts"].append(bool(deep))
         self.prompt_tuning = True
         self.train(self.training)
         return list(range(first, first + n))
@@ -266,8 +299,10 @@ class IQuery(nn.Module):
             raise ValueError(f"class ids must be in [0, {self.n_ids}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
         queries = F.embedding(ids, self.query_table()) + self.obj_proj(obj_feats)  # (B, Q, D)
+        table = self.offset_table()
+        offsets = None if table is None else table[ids]  # (B, Q, L + 1, D)
         if len(self.motion_cross) == 0:  # the no-motion ablation
-            return QueryCache(queries=queries, query_pad=query_pad)
+            return QueryCache(queries=queries, query_pad=query_pad, offsets=offsets)
         # Each query attends to its own track only: fold the slots into the batch.
         x = queries.reshape(b * q, 1, self.d_model)
         mem = self.motion_proj(motion).reshape(b * q, tm, self.d_model)
@@ -275,7 +310,8 @@ class IQuery(nn.Module):
         pad = motion_pad.reshape(b * q, tm)
         for cross, ffn in zip(self.motion_cross, self.motion_ffn, strict=True):
             x = ffn(cross(x, mem, pos, pad))
-        return QueryCache(queries=x.reshape(b, q, self.d_model), query_pad=query_pad)
+        return QueryCache(queries=x.reshape(b, q, self.d_model), query_pad=query_pad,
+                          offsets=offsets)
 
     def encode_audio(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, 1, F, T) log-magnitude window -> (audio tokens (B, N_A, D) with positions
@@ -287,14 +323,17 @@ class IQuery(nn.Module):
         tokens = self.audio_proj(feat).flatten(2).transpose(1, 2)  # (B, N_A, D)
         return tokens + self.audio_pos, top
 
-    def decode_queries(self, queries: Tensor, query_pad: Tensor, audio_tokens: Tensor) -> Tensor:
+    def decode_queries(self, queries: Tensor, query_pad: Tensor, audio_tokens: Tensor,
+                       offsets: Tensor | None = None) -> Tensor:
         """Audio-aware layers: queries (B, Q, D), query_pad (B, Q) bool,
-        audio_tokens (B, N_A, D) -> (B, Q, D)."""
+        audio_tokens (B, N_A, D), deep prompts' offsets (B, Q, L + 1, D) or None -> (B, Q, D)."""
         x = queries
-        for self_attn, cross, ffn in zip(self.audio_self, self.audio_cross, self.audio_ffn,
-                                         strict=True):
+        for i, (self_attn, cross, ffn) in enumerate(
+                zip(self.audio_self, self.audio_cross, self.audio_ffn, strict=True)):
+            if offsets is not None:
+                x = x + offsets[:, :, i]
             x = ffn(cross(self_attn(x, query_pad), audio_tokens))
-        return x
+        return x if offsets is None else x + offsets[:, :, -1]
 
     def predict_masks(self, q: Tensor, top: Tensor) -> Tensor:
         """q (B, Q, D), top from encode_audio -> masks (B, Q, F, T) in [0, 1]: the sigmoid of
@@ -307,7 +346,7 @@ class IQuery(nn.Module):
 
         Masks of padded query slots are zero."""
         tokens, top = self.encode_audio(x)
-        q = self.decode_queries(cache.queries, cache.query_pad, tokens)
+        q = self.decode_queries(cache.queries, cache.query_pad, tokens, cache.offsets)
         masks = self.predict_masks(q, top)
         return masks.masked_fill(cache.query_pad[:, :, None, None], 0.0)
 
@@ -322,7 +361,7 @@ class IQuery(nn.Module):
         Embeddings of padded slots (query_pad True) are not zeroed: callers must drop them."""
         cache = self.encode_visual(obj_feats, class_ids, motion, motion_pad, query_pad)
         tokens, top = self.encode_audio(x)
-        audio_q = self.decode_queries(cache.queries, cache.query_pad, tokens)
+        audio_q = self.decode_queries(cache.queries, cache.query_pad, tokens, cache.offsets)
         masks = self.predict_masks(audio_q, top).masked_fill(
             cache.query_pad[:, :, None, None], 0.0)
         return masks, cache.queries, audio_q

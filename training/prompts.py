@@ -120,12 +120,13 @@ class RowUnion(nn.Module):
         return 1 - torch.prod(1 - masks.unflatten(1, (q, r)), dim=2)
 
 
-def prepare(model: nn.Module, n_new: int, mode: str) -> list[int]:
-    """Add n_new prompt queries; `prompt` leaves only them trainable, `decoder` also everything
-    outside the audio U-Net, `unet` also the U-Net, `full` everything. Returns the new ids."""
+def prepare(model: nn.Module, n_new: int, mode: str, deep: bool = False) -> list[int]:
+    """Add n_new prompt queries (deep: with per-layer offsets, IQuery.add_prompts); `prompt`
+    leaves only them trainable, `decoder` also everything outside the audio U-Net, `unet` also
+    the U-Net, `full` everything. Returns the new ids."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
-    new_ids = model.add_prompts(n_new)
+    new_ids = model.add_prompts(n_new, deep=deep)
     if mode != "prompt":
         for name, p in model.named_parameters():
             in_unet = name.startswith("unet.")
@@ -175,7 +176,7 @@ def finetune(args: argparse.Namespace) -> int:
     model, meta0 = load_checkpoint(args.init)
     model = model.to(device)
     # Each held-out class gets args.rows consecutive rows, named by the first of them.
-    new_ids = prepare(model, len(held) * args.rows, args.mode)[::args.rows]
+    new_ids = prepare(model, len(held) * args.rows, args.mode, args.deep)[::args.rows]
     id_map = {names.index(c): i for c, i in zip(held, new_ids, strict=True)}
     net = model  # what is saved; `model` below is what trains (the row union, if any)
     if args.rows > 1:
@@ -193,7 +194,7 @@ def finetune(args: argparse.Namespace) -> int:
                                     args.lr_audio)
     base = [[g["lr"] for g in o.param_groups] for o in opts]
     meta = {"mode": args.mode, "held_out": held, "prompt_ids": new_ids,
-            "rows_per_class": args.rows, "init": str(args.init),
+            "rows_per_class": args.rows, "deep": args.deep, "init": str(args.init),
             "trainable": n_train, "total": n_all, "init_meta_step": meta0.get("step"),
             "n_mix": args.n_mix, "precision": precision,
             "command": "python -m training.prompts " + " ".join(sys.argv[1:])}
@@ -293,7 +294,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         row["seconds"] = round(time.time() - t0, 1)
         # What was fine-tuned and how much of it, for scripts/prompt_budget_plot.py.
         row["checkpoint"] = str(stems[0])
-        row |= {k: meta[k] for k in ("mode", "trainable", "total", "rows_per_class")
+        row |= {k: meta[k] for k in ("mode", "trainable", "total", "rows_per_class", "deep")
                 if k in meta}
         results["rows"][label] = row
         print(f"{label:30s} held-out SDR {row['held_out']['sdr']:6.2f} (n {row['held_out']['n']})"
@@ -350,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--rows", type=int, default=1,
                     help="prompt rows per held-out class; > 1 joins their masks (RowUnion: a "
                          "variant beside the paper's one row) (default %(default)s)")
+    ft.add_argument("--deep", action="store_true",
+                    help="deep prompts: each row also adds a learned vector to its query before "
+                         "every audio-aware layer and the mask MLP (a variant beside the "
+                         "paper's one row; other classes' paths stay unchanged)")
     ft.add_argument("--out", type=Path, required=True,
                     help="folder for best.safetensors/.json and summary.json")
     ft.add_argument("--minutes", type=float, default=None,

@@ -155,3 +155,36 @@ def test_prompt_freeze(small_kwargs, make_batch) -> None:
     # A second round freezes the first prompts too.
     assert model.add_prompts(1) == [18]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_embeds.1"]
+
+
+def test_deep_prompts(tmp_path, small_kwargs, make_batch) -> None:
+    """Deep prompts train only their own rows and offsets, leave every query-table class's
+    masks unchanged, steer their own query's masks, and survive a checkpoint round trip."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = IQuery(**small_kwargs).eval()
+    old = make_batch(small_kwargs, b=2, q=2)  # table classes only
+    with torch.no_grad():
+        ref = model(**old)
+    assert model.add_prompts(1) == [16]  # a one-row group first: its offsets read as zero
+    assert model.add_prompts(2, deep=True) == [17, 18]
+    assert model.kwargs["deep_prompts"] == [False, True]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["prompt_embeds.1", "prompt_offsets.0"]
+    table = model.offset_table()
+    assert table.shape == (19, small_kwargs["n_audio_layers"] + 1, small_kwargs["d_model"])
+    with torch.no_grad():
+        model.prompt_offsets[0].normal_()
+        torch.testing.assert_close(model(**old), ref, rtol=0, atol=0)
+        deep = dict(old, class_ids=torch.tensor([[17, 3], [18, 5]]))
+        before = model(**deep)
+        model.prompt_offsets[0][:, -1].add_(1.0)  # the offset before the mask MLP
+        assert not torch.allclose(model(**deep)[:, 0], before[:, 0])
+    save_checkpoint(tmp_path / "deep", model)
+    loaded, _ = load_checkpoint(tmp_path / "deep")
+    assert loaded.kwargs["deep_prompts"] == [False, True]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**deep), model(**deep), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="deep_prompts"):
+        IQuery(**small_kwargs, prompt_sizes=[1, 2], deep_prompts=[True])
