@@ -40,11 +40,11 @@ def clips(n_classes: int = 4, per_class: int = 2) -> list[SoloClip]:
     return out
 
 
-def run_steps(mode: str, n_steps: int = 3):
+def run_steps(mode: str, n_steps: int = 3, deep: bool = False):
     torch.manual_seed(0)
     model = make_model("iquery", "cpu", **SMALL)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    new_ids = prepare(model, 1, mode)
+    new_ids = prepare(model, 1, mode, deep)
     before_prompt = model.prompt_embeds[0].detach().clone()
     sampler = HeldOutSampler(remap(clips(), {3: new_ids[0]}), model.n_frames, new_ids, seed=0)
     opts = make_finetune_optimizers(model, mode, 1e-2, 1e-3, 1e-3)
@@ -68,6 +68,19 @@ def test_prompt_finetuning_changes_only_the_prompt_rows():
     assert not torch.allclose(after["prompt_embeds.0"], before_prompt)  # it did train
     n_train, n_all = trainable_fraction(model)
     assert n_train == 32 and n_all > 1000 * n_train
+
+
+def test_deep_prompt_finetuning_trains_only_the_rows_and_their_offsets():
+    model, before, new_ids, before_prompt = run_steps("prompt", deep=True)
+    after = model.state_dict()
+    new_keys = sorted(set(after) - set(before))
+    assert new_keys == ["prompt_embeds.0", "prompt_offsets.0"]
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), f"{k} changed during deep prompt fine-tuning"
+    assert not torch.allclose(after["prompt_embeds.0"], before_prompt)
+    assert after["prompt_offsets.0"].abs().amax(-1).gt(0).all()  # every layer's vector moved
+    n_train, _ = trainable_fraction(model)
+    assert n_train == 32 * (1 + len(model.audio_self) + 1)
 
 
 def test_full_finetuning_moves_the_network():
