@@ -83,6 +83,25 @@ def test_deep_prompt_finetuning_trains_only_the_rows_and_their_offsets():
     assert n_train == 32 * (1 + len(model.audio_self) + 1)
 
 
+def test_deep_prompt_offsets_take_their_own_learning_rate():
+    torch.manual_seed(0)
+    model = make_model("iquery", "cpu", **SMALL)
+    ids = prepare(model, 1, "prompt", deep=True)
+    (opt,) = make_finetune_optimizers(model, "prompt", 1e-2, 1e-3, 1e-3, lr_offsets=0.0)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.0]
+    assert opt.param_groups[1]["params"] == list(model.prompt_offsets)
+    start = model.prompt_embeds[0].detach().clone()
+    sampler = HeldOutSampler(remap(clips(), {3: ids[0]}), model.n_frames, ids, seed=0)
+    model.train()
+    for _ in range(2):
+        train_step(model, [opt], sampler, 2, model.n_rows, torch.device("cpu"))
+    assert not torch.allclose(model.prompt_embeds[0], start)  # the row trains
+    assert model.prompt_offsets[0].abs().max() == 0  # its offsets, at LR 0, stay at zero
+    # Without lr_offsets both go at the rows' LR, as before.
+    (opt,) = make_finetune_optimizers(model, "prompt", 1e-2, 1e-3, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]
+
+
 def test_full_finetuning_moves_the_network():
     model, before, _, _ = run_steps("full", n_steps=1)
     after = model.state_dict()
