@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                          "on val in docs/RESULTS.md section 17; sections 7 and 15 ran 3e-3)")
     ft.add_argument("--lr-offsets", type=float, default=None,
                     help="Adam LR of deep prompts' per-layer offsets (--deep) (default: "
-                         "--lr-prompt's)")
+                         "--lr-prompt's; 1e-2 and 3e-2 were no better on val, docs/RESULTS.md "
+                         "section 54)")
     ft.add_argument("--lr-transformer", type=float, default=3e-4,
                     help="AdamW LR of the transformer and query side (full, decoder, unet "
                          "modes) (default %(default)s)")
