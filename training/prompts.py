@@ -423,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --minutes and/or --steps")
     if args.cmd == "finetune" and args.rows < 1:
         ap.error(f"--rows must be >= 1, got {args.rows}")
+    if args.cmd == "finetune" and args.lr_offsets is not None and not (
+            args.deep and args.mode == "prompt"):
+        # Said rather than ignored: without deep prompts there are no offsets to give an LR.
+        ap.error("--lr-offsets sets deep prompts' LR: it needs --mode prompt --deep")
     if args.cmd == "finetune" and args.n_mix < 2:
         ap.error(f"--n-mix must be >= 2 (one held-out class and the others), got "
                  f"{args.n_mix}")

@@ -145,6 +145,14 @@ def test_finetune_cli_refuses_fewer_than_two_sources(tmp_path, capsys):
     assert "--n-mix must be >= 2" in capsys.readouterr().err
 
 
+def test_finetune_cli_refuses_offsets_lr_without_deep_prompts(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--data", str(tmp_path), "--init", str(tmp_path / "x"),
+              "--classes", "violin", "--steps", "1", "--lr-offsets", "1e-2",
+              "--out", str(tmp_path)])
+    assert "--lr-offsets sets deep prompts' LR" in capsys.readouterr().err
+
+
 def small_inputs(class_ids: list[int], n_frames: int, n_rows: int):
     torch.manual_seed(1)
     q = len(class_ids)
