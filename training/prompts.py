@@ -252,7 +252,7 @@ def _prompt_map(meta: dict[str, Any], names: list[str]) -> dict[str, int]:
 def evaluate_heldout(model: nn.Module, items: list[dict], names: list[str],
                      id_of: dict[str, int], held: list[str]) -> dict[str, Any]:
     """SDR/SIR/SAR over the given test items (GT-named); classes in id_of use those query
-    ids. Means over every source and over the held-out classes' sources only."""
+    ids. Means over every source, over the held-out classes' sources, and over the others'."""
     per_src: list[tuple[str, float, float, float]] = []
     for it in items:
         queries = []
@@ -271,7 +271,10 @@ def evaluate_heldout(model: nn.Module, items: list[dict], names: list[str],
                 "sdr_median": float(np.median([r[1] for r in rows])), "n": len(rows)}
 
     held_rows = [r for r in per_src if r[0] in held]
-    return {"all": mean(per_src), "held_out": mean(held_rows) if held_rows else None}
+    # The classes the network knew before: what fine-tuning the whole network can cost them.
+    known_rows = [r for r in per_src if r[0] not in held]
+    return {"all": mean(per_src), "held_out": mean(held_rows) if held_rows else None,
+            "others": mean(known_rows) if known_rows else None}
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
@@ -305,7 +308,8 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
                 if k in meta}
         results["rows"][label] = row
         print(f"{label:30s} held-out SDR {row['held_out']['sdr']:6.2f} (n {row['held_out']['n']})"
-              f"  all SDR {row['all']['sdr']:6.2f}", flush=True)
+              f"  all SDR {row['all']['sdr']:6.2f}"
+              + (f"  others {row['others']['sdr']:6.2f}" if row["others"] else ""), flush=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 

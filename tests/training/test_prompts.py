@@ -229,6 +229,9 @@ def test_evaluate_scores_the_val_pairs_holding_the_held_out_class(fake_data, tmp
     assert row["held_out"]["n"] == sum((a.class_name, b.class_name).count("banjo")
                                        for a, b in holding)
     assert row["all"]["n"] == 2 * len(holding) and np.isfinite(row["all"]["sdr"])
+    assert row["others"]["n"] == row["all"]["n"] - row["held_out"]["n"]
+    assert np.isclose(row["all"]["sdr"] * row["all"]["n"], row["held_out"]["sdr"]
+                      * row["held_out"]["n"] + row["others"]["sdr"] * row["others"]["n"])
     # A class no val pair holds: a one-line error, nothing written.
     assert main(["evaluate", "--data", str(fake_data), "--classes", "violin", "--pairs-from",
                  "val", "--ckpt", f"m={tmp_path / 'm'}", "--out", str(tmp_path / "none")]) == 2
