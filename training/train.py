@@ -587,6 +587,17 @@ def main(argv: list[str] | None = None) -> int:
                          "transposed convolution, the widest layer, scales with it (16: 1.07x "
                          "the steps in a real run, ~0.3 dB lower val per step, docs/RESULTS.md "
                          "section 46)")
+    ap.add_argument("--token-stride", type=int, default=None,
+                    help="stride of the U-Net decoder map whose cells are the audio tokens the "
+                         "transformer's queries attend to, replacing the preset's (16); a power "
+                         "of 2 below 2^(U-Net depth). iquery models only. 8 on the cpu preset's "
+                         "256x64 window gives 32x8 = 256 tokens, the paper's count (16x16 at "
+                         "stride 16 on its 256x256 window), at 1.13x the step's time "
+                         "(scripts/bench_train_step.py --token-strides 16,8)")
+    ap.add_argument("--audio-layers", type=int, default=None,
+                    help="audio-aware decoder layers (self-attention across the queries, "
+                         "cross-attention to the audio tokens, FFN), replacing the preset's (3, "
+                         "as the paper); iquery models only")
     ap.add_argument("--dropout", type=float, default=None,
                     help="dropout of the transformer's attention and feed-forward layers, "
                          "replacing the preset's (0.1, as the paper's DETR-style decoder); "
@@ -642,6 +653,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dropout is not None and (args.model == "sop" or not 0.0 <= args.dropout < 1.0):
         ap.error(f"--dropout takes a value in [0, 1) for an iquery model, got {args.dropout} "
                  f"for {args.model}")
+    depth = PRESETS[args.preset]["unet_depth"]
+    strides = [2 ** k for k in range(1, depth)]
+    if args.token_stride is not None and (args.model == "sop" or args.token_stride not in strides):
+        ap.error(f"--token-stride takes one of {strides} for an iquery model on the "
+                 f"{args.preset} preset, got {args.token_stride} for {args.model}")
+    if args.audio_layers is not None and (args.model == "sop" or args.audio_layers < 1):
+        ap.error(f"--audio-layers takes a count >= 1 for an iquery model, got "
+                 f"{args.audio_layers} for {args.model}")
     if args.n_mix < 2:
         ap.error(f"--n-mix must be >= 2 (a mixture of one clip has nothing to separate), "
                  f"got {args.n_mix}")
@@ -721,7 +740,9 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError(f"--exclude-classes: unknown class {c!r}; choose from {names}")
     overrides = {k: v for k, v in (("n_rows", args.n_rows), ("ngf", args.ngf),
                                    ("n_frames", args.n_frames), ("dropout", args.dropout),
-                                   ("mask_dim", args.mask_dim))
+                                   ("mask_dim", args.mask_dim),
+                                   ("token_stride", args.token_stride),
+                                   ("n_audio_layers", args.audio_layers))
                  if v is not None}
     model = make_model(args.model, args.preset, **overrides)
     n_rows, n_frames, sep_kwargs = model.n_rows, model.n_frames, dict(model.kwargs)

@@ -532,7 +532,11 @@ def test_cli_refuses_anneal_without_a_start(tmp_path, capsys):
     ("--ema", "1", "--ema must be in [0, 1)"), ("--ema", "-0.5", "--ema must be in [0, 1)"),
     ("--dropout", "1", "--dropout takes a value in [0, 1)"),
     ("--dropout", "-0.1", "--dropout takes a value in [0, 1)"),
-    ("--mask-dim", "0", "--mask-dim must be >= 1")])
+    ("--mask-dim", "0", "--mask-dim must be >= 1"),
+    # a U-Net level of the cpu preset's 6: 2, 4, 8, 16 or 32
+    ("--token-stride", "3", "--token-stride takes one of [2, 4, 8, 16, 32]"),
+    ("--token-stride", "64", "--token-stride takes one of [2, 4, 8, 16, 32]"),
+    ("--audio-layers", "0", "--audio-layers takes a count >= 1")])
 def test_cli_refuses_bad_values_with_a_one_line_error(tmp_path, capsys, flag, bad, says):
     with pytest.raises(SystemExit) as e:
         main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "1",

@@ -178,6 +178,39 @@ def test_cli_mask_dim_sizes_the_audio_embedding_of_either_model(fake_data, tmp_p
     assert loaded.unet.up[0].out_channels == 8
 
 
+def test_cli_token_stride_sets_the_grid_of_audio_tokens(fake_data, tmp_path):
+    out = tmp_path / "ts8"
+    assert main(["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--token-stride", "8"]) == 0
+    model, meta = load_checkpoint(out / "best")
+    assert model.kwargs["token_stride"] == meta["kwargs"]["token_stride"] == 8  # preset: 16
+    # the cpu preset's 128x64 window at stride 8: 16x8 tokens (8x4 at 16)
+    assert model.audio_pos.shape == (1, 16 * 8, model.d_model)
+    tokens, _ = model.eval().encode_audio(torch.zeros(1, 1, model.n_rows, model.n_frames))
+    assert tokens.shape == (1, 16 * 8, model.d_model)
+
+
+@pytest.mark.parametrize("flag, value, says", [("--token-stride", "8", "--token-stride takes"),
+                                               ("--audio-layers", "1", "--audio-layers takes")])
+def test_cli_transformer_sizes_refuse_sound_of_pixels(fake_data, tmp_path, capsys, flag, value,
+                                                      says):
+    with pytest.raises(SystemExit):
+        main(["--data", str(fake_data), "--model", "sop", "--steps", "1",
+              "--out", str(tmp_path / "r"), flag, value])
+    assert says in capsys.readouterr().err
+
+
+def test_cli_audio_layers_sets_the_decoder_depth(fake_data, tmp_path):
+    out = tmp_path / "l1"
+    assert main(["--data", str(fake_data), "--model", "iquery", "--batch", "2", "--steps", "1",
+                 "--val-every", "1", "--val-mixtures", "2", "--out", str(out), "--no-progress",
+                 "--threads", "1", "--audio-layers", "1"]) == 0
+    model, meta = load_checkpoint(out / "best")
+    assert model.kwargs["n_audio_layers"] == meta["kwargs"]["n_audio_layers"] == 1  # preset: 3
+    assert len(model.audio_self) == len(model.audio_cross) == len(model.audio_ffn) == 1
+
+
 def test_cli_dropout_refuses_sound_of_pixels(fake_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data", str(fake_data), "--model", "sop", "--steps", "1",
