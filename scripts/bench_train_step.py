@@ -4,9 +4,10 @@ memory or not (train.retain_freed_memory), and fused or per-parameter Adam / Ada
 --batches it times train.py's configuration at several batch sizes instead: the steps and the
 mixtures a fixed budget buys at each; with --mask-dims, at several widths of the audio
 embedding (train.py --mask-dim); with --token-strides, at several strides of the transformer's
-audio tokens (train.py --token-stride); with --mix, with the U-Net's per-query sums of its audio
-embedding formed through the outer layer's weights (AudioUNet.mix, since 2026-12-06) and over
-the embedding itself (AudioUNet.mix_by_embedding, before).
+audio tokens (train.py --token-stride); with --audio-layers, at several depths of the
+transformer's audio-aware decoder (train.py --audio-layers); with --mix, with the U-Net's
+per-query sums of its audio embedding formed through the outer layer's weights (AudioUNet.mix,
+since 2026-12-06) and over the embedding itself (AudioUNet.mix_by_embedding, before).
 
 Each configuration runs in its own fresh process (a malloc setting holds for a whole process),
 and the rounds interleave them, so load from other programs hits every configuration alike.
@@ -14,7 +15,8 @@ The clips are synthetic noise (no dataset needed): the step's cost does not depe
 
     .venv/bin/python scripts/bench_train_step.py [--model iquery] [--n-rows 256] [--n-mix 3]
         [--threads 2] [--rounds 5] [--steps 20] [--warmup 5] [--batches 4,8,16]
-        [--mask-dims 32,16] [--token-strides 16,8] [--mix] [--precision bf16]
+        [--mask-dims 32,16] [--token-strides 16,8] [--audio-layers 3,1] [--mix]
+        [--precision bf16]
 """
 
 from __future__ import annotations
@@ -55,8 +57,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sizes = ({"n_rows": args.n_rows} | ({"mask_dim": args.mask_dim} if args.mask_dim else {})
-             | ({"token_stride": args.token_stride} if args.token_stride else {}))
+    sizes = {"n_rows": args.n_rows} | json.loads(args.sizes)
     model = train.make_model(args.model, "cpu", **sizes).train()
     opts = train.make_optimizers(model, 1e-4, 1e-3)
     if not fused:  # the same optimizers, stepping parameter by parameter
@@ -110,6 +111,9 @@ def main() -> None:
     ap.add_argument("--token-strides", default="",
                     help="comma-separated strides of the transformer's audio tokens (e.g. "
                          "16,8): time train.py's configuration at each instead (batch 8)")
+    ap.add_argument("--audio-layers", default="",
+                    help="comma-separated depths of the transformer's audio-aware decoder "
+                         "(e.g. 3,1): time train.py's configuration at each instead (batch 8)")
     ap.add_argument("--mix", action="store_true",
                     help="time train.py's configuration with the audio embedding's per-query "
                          "sums formed through the outer layer's weights (models/unet.py "
@@ -118,8 +122,7 @@ def main() -> None:
                     help="the forward pass in float32 (default) or under bfloat16 autocast, "
                          "as train.py --precision")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    ap.add_argument("--mask-dim", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--token-stride", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="{}", help=argparse.SUPPRESS)  # JSON constructor kwargs
     ap.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--mix-by-embedding", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,38 +132,41 @@ def main() -> None:
     common = ["--model", args.model, "--n-rows", str(args.n_rows), "--n-mix", str(args.n_mix),
               "--threads", str(args.threads), "--steps", str(args.steps),
               "--warmup", str(args.warmup), "--precision", args.precision]
-    if sum(map(bool, (args.batches, args.mask_dims, args.token_strides, args.mix))) > 1:
-        ap.error("give one of --batches, --mask-dims, --token-strides and --mix")
-    if args.token_strides and args.model == "sop":
-        ap.error("--token-strides: Sound-of-Pixels has no audio tokens; choose an iquery model")
-    # (label, config, batch, mask_dim, token_stride, mix by embedding) per worker; 0: the
-    # preset's mask_dim / token_stride
+    grids = (args.batches, args.mask_dims, args.token_strides, args.audio_layers, args.mix)
+    if sum(map(bool, grids)) > 1:
+        ap.error("give one of --batches, --mask-dims, --token-strides, --audio-layers and --mix")
+    if (args.token_strides or args.audio_layers) and args.model == "sop":
+        ap.error("--token-strides / --audio-layers: Sound-of-Pixels has no audio-aware "
+                 "transformer; choose an iquery model")
+    # (label, config, batch, constructor kwargs beyond the preset's, mix by embedding) per worker
     shipped = list(CONFIGS)[-1]  # train.py's configuration
     if args.mask_dims:
-        runs = [(f"mask_dim {d}", shipped, 8, d, 0, False)
+        runs = [(f"mask_dim {d}", shipped, 8, {"mask_dim": d}, False)
                 for d in positive_ints(ap, "--mask-dims", args.mask_dims)]
     elif args.token_strides:
-        runs = [(f"token_stride {t}", shipped, 8, 0, t, False)
+        runs = [(f"token_stride {t}", shipped, 8, {"token_stride": t}, False)
                 for t in positive_ints(ap, "--token-strides", args.token_strides)]
+    elif args.audio_layers:
+        runs = [(f"audio layers {n}", shipped, 8, {"n_audio_layers": n}, False)
+                for n in positive_ints(ap, "--audio-layers", args.audio_layers)]
     elif args.batches:
-        runs = [(f"batch {b}", shipped, b, 0, 0, False)
+        runs = [(f"batch {b}", shipped, b, {}, False)
                 for b in positive_ints(ap, "--batches", args.batches)]
     elif args.mix:
-        runs = [("mix over the embedding (before)", shipped, 8, 0, 0, True),
-                ("mix through the weights (AudioUNet.mix)", shipped, 8, 0, 0, False)]
+        runs = [("mix over the embedding (before)", shipped, 8, {}, True),
+                ("mix through the weights (AudioUNet.mix)", shipped, 8, {}, False)]
     else:
-        runs = [(name, name, 8, 0, 0, False) for name in CONFIGS]
+        runs = [(name, name, 8, {}, False) for name in CONFIGS]
     print(f"{args.model}, {args.n_rows} rows, K={args.n_mix}, "
           f"batch {args.batches or 8}, {args.precision}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps after {args.warmup}; "
           "median [min - max] of per-round medians")
     ms: dict[str, list[float]] = {label: [] for label, *_ in runs}
     for r in range(args.rounds):
-        for label, config, batch, dim, stride, by_embedding in runs:
+        for label, config, batch, sizes, by_embedding in runs:
             extra = ["--mix-by-embedding"] if by_embedding else []
             out = subprocess.run([sys.executable, __file__, "--worker", config, "--batch",
-                                  str(batch), "--mask-dim", str(dim), "--token-stride",
-                                  str(stride), *extra, *common],
+                                  str(batch), "--sizes", json.dumps(sizes), *extra, *common],
                                  check=True, capture_output=True, text=True).stdout
             ms[label].append(json.loads(out.strip().splitlines()[-1])["ms"])
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
