@@ -17,6 +17,11 @@ def _channels(ngf: int, depth: int) -> list[int]:
     return [ngf * min(2 ** i, 8) for i in range(depth)]
 
 
+def token_strides(depth: int) -> list[int]:
+    """The strides a U-Net of `depth` levels offers for its decoder map: 2, 4, ..., 2^(depth-1)."""
+    return [2 ** k for k in range(1, depth)]
+
+
 class AudioUNet(nn.Module):
     """U-Net with `depth` stride-2 levels down and up (4x4 kernels, skip connections).
 
@@ -32,7 +37,7 @@ class AudioUNet(nn.Module):
         super().__init__()
         if depth < 2:
             raise ValueError(f"U-Net depth must be >= 2, got {depth}")
-        levels = [2 ** k for k in range(1, depth)]
+        levels = token_strides(depth)
         if token_stride not in levels:
             raise ValueError(f"token_stride must be one of {levels} for depth {depth}, "
                              f"got {token_stride}")

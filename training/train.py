@@ -51,6 +51,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.features import MEAN, STD
 from models.spectral import apply_masks, istft, stft, warp
+from models.unet import token_strides
 from models.visual import MotionEncoder
 from training.factory import PRESETS, build_model
 from training.instruments import load_vocabulary
@@ -653,8 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dropout is not None and (args.model == "sop" or not 0.0 <= args.dropout < 1.0):
         ap.error(f"--dropout takes a value in [0, 1) for an iquery model, got {args.dropout} "
                  f"for {args.model}")
-    depth = PRESETS[args.preset]["unet_depth"]
-    strides = [2 ** k for k in range(1, depth)]
+    strides = token_strides(PRESETS[args.preset]["unet_depth"])
     if args.token_stride is not None and (args.model == "sop" or args.token_stride not in strides):
         ap.error(f"--token-stride takes one of {strides} for an iquery model on the "
                  f"{args.preset} preset, got {args.token_stride} for {args.model}")
