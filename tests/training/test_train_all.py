@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from models.checkpoint import load_checkpoint
 from nodes.bundle import load_bundle
 from training import synth
 
@@ -26,7 +27,7 @@ def test_train_all_runs_the_whole_chain_and_writes_a_bundle_the_engine_loads(tmp
                            "--size", "tiny", "--seed", "0", "--quiet"], cwd=ROOT).returncode == 0
     env = os.environ | {"PY": sys.executable, "RUNS": str(runs), "BUNDLE": str(bundle),
                         "THREADS": "1", "DET_STEPS": "2", "OBJ_STEPS": "1",
-                        "MOTION_STEPS": "2", "FRAME_STEPS": "2"}
+                        "MOTION_STEPS": "2", "FRAME_STEPS": "2", "AUDIO_LAYERS": "1"}
     proc = subprocess.run(["bash", "scripts/train_all.sh", str(data), "0.02", "2"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,4 +44,8 @@ def test_train_all_runs_the_whole_chain_and_writes_a_bundle_the_engine_loads(tmp
     loaded = load_bundle(bundle)
     sep = loaded.load_separator("cpu")
     assert type(sep).__name__ == "IQuery" and sep.kwargs["n_rows"] == 256
+    # AUDIO_LAYERS reaches both iQuery rows (the shipped separator's depth), not Sound-of-Pixels
+    assert sep.kwargs["n_audio_layers"] == 1
+    nomotion, _ = load_checkpoint(runs / "iquery_nomotion" / "best")
+    assert nomotion.kwargs["n_audio_layers"] == 1
     assert loaded.info["training"]["command"].endswith(f"--out {runs}/iquery --no-progress")
