@@ -19,9 +19,9 @@
 # exists, so a rerun resumes.
 #
 # Environment: PY (.venv/bin/python), RUNS (runs), BUNDLE (models/checkpoints/cpu: the folder
-# the engine loads, overwritten at the end), SEED (4), AUDIO_LAYERS (unset), THREADS (2); DET_STEPS, OBJ_STEPS,
-# MOTION_STEPS, FRAME_STEPS shorten the front end's training for a quick run of the whole chain
-# (tests/training/test_train_all.py).
+# the engine loads, overwritten at the end), SEED (4), AUDIO_LAYERS (unset), THREADS (2);
+# DET_STEPS, OBJ_STEPS, MOTION_STEPS, FRAME_STEPS shorten the front end's training for a quick
+# run of the whole chain (tests/training/test_train_all.py).
 set -euo pipefail
 DATA=${1:-data/synth}
 MINUTES=${2:-55}
