@@ -10,7 +10,8 @@ by log1p of the warped mixture magnitude (the paper's; --loss-weight mag / sourc
 bins as SDR does, an ablation in docs/RESULTS.md section 20); AdamW for the transformer, Adam
 for the audio network; a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8
 for Sound-of-Pixels' published two drops; --lr-schedule linear decays every LR linearly to zero
-at the end of the budget instead, --lr-schedule anneal only over the last fifth); validation
+at the end of the budget instead, --lr-schedule anneal only over the last fifth, --lr-schedule
+cosine along half a cosine); validation
 SDR on a fixed set of val mixtures, best kept by val only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import shutil
 import sys
@@ -383,7 +385,7 @@ def validate(model: nn.Module, val_batches: list[dict[str, np.ndarray]], n_rows:
 LR_STEPS = (0.8,)
 
 
-LR_SCHEDULES = ("step", "linear", "anneal")
+LR_SCHEDULES = ("step", "linear", "anneal", "cosine")
 
 
 def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS,
@@ -392,9 +394,13 @@ def lr_factor(progress: float, steps: tuple[float, ...] = LR_STEPS,
     `steps` passed. "linear": 1 at the start down to 0 at the end of the budget (every step
     anneals, rather than the last 20 % at a tenth of the LR). "anneal": 1 until the first
     fraction in `steps`, then linearly down to 0 at the end (a warm-stable-decay cool-down: the
-    step schedule's full-LR stretch, its drop spread over the rest of the budget)."""
+    step schedule's full-LR stretch, its drop spread over the rest of the budget). "cosine":
+    half a cosine from 1 at the start to 0 at the end (the LR stays near its peak longer than
+    the linear decay's, and lands more gently than a step)."""
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     if schedule == "anneal":
         if not steps:
             raise ValueError("the anneal LR schedule starts at the first of --lr-steps: give one")
@@ -549,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                          "only marks where --n-mix-final switches K; 0.24 dB under step on "
                          "seed 4's test pairs, docs/RESULTS.md section 38); anneal: full LR "
                          "until the first of --lr-steps, then linearly down to zero at the end "
-                         "(level with step on two seeds, docs/RESULTS.md section 45)")
+                         "(level with step on two seeds, docs/RESULTS.md section 45); cosine: "
+                         "half a cosine from the full LR to zero at the end of the budget "
+                         "(docs/RESULTS.md section 61)")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,

@@ -498,7 +498,15 @@ def test_linear_lr_schedule_decays_to_zero_at_the_end_of_the_budget():
     assert [g["lr"] for o in opts for g in o.param_groups] == pytest.approx(
         [lr * 0.5 for lrs in base for lr in lrs])
     with pytest.raises(ValueError, match="LR schedule"):
-        lr_factor(0.5, (0.8,), "cosine")
+        lr_factor(0.5, (0.8,), "exponential")
+
+
+def test_cosine_lr_schedule_follows_half_a_cosine_to_zero():
+    got = [lr_factor(p, (0.8,), "cosine") for p in (0.0, 0.25, 0.5, 0.75, 1.0, 1.1)]
+    assert got == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0, 0.0], abs=1e-6)
+    # It stays above the linear decay for the first half and below it for the second.
+    assert lr_factor(0.3, (), "cosine") > lr_factor(0.3, (), "linear")
+    assert lr_factor(0.7, (), "cosine") < lr_factor(0.7, (), "linear")
 
 
 def test_anneal_lr_schedule_holds_then_decays_to_zero_over_the_last_fifth():
@@ -519,7 +527,7 @@ def test_cli_refuses_anneal_without_a_start(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, bad, says", [
-    ("--lr-schedule", "cosine", "--lr-schedule"),
+    ("--lr-schedule", "exponential", "--lr-schedule"),
     ("--lr-steps", "0.4,1.2", "--lr-steps"), ("--lr-steps", "half", "--lr-steps"),
     ("--lr-steps", "0", "--lr-steps"),  # fractions of the budget, in (0, 1)
     ("--n-mix", "1", "--n-mix must be >= 2"), ("--n-mix", "0", "--n-mix must be >= 2"),
