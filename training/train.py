@@ -557,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                          "until the first of --lr-steps, then linearly down to zero at the end "
                          "(level with step on two seeds, docs/RESULTS.md section 45); cosine: "
                          "half a cosine from the full LR to zero at the end of the budget "
-                         "(docs/RESULTS.md section 61)")
+                         "(level with step on seed 7's test pairs, 0.2 dB under it on the val "
+                         "pairs, docs/RESULTS.md section 61)")
     ap.add_argument("--val-every", type=int, default=200,
                     help="steps between validations; the best val SDR is kept (default 200)")
     ap.add_argument("--val-mixtures", type=int, default=48,
