@@ -1,0 +1,58 @@
+"""The SDR difference between two evaluated rows, paired over the same clips, with its standard
+error: whether a choice between two runs is more than the noise of the clips it is made on.
+
+    python scripts/paired_sdr.py runs/s58/valpairs/rows/A.pairs60.6s.json \
+        runs/s61/valpairs_s6/rows/B.pairs60.6s.json
+
+Reads the per-source scores that training.evaluate keeps in its row cache. A mixture's sources
+are averaged first (one value per clip: its sources share the clip's difficulty), then the
+difference A - B is averaged over the clips, with the standard error of that mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def per_clip(path: Path) -> dict[str, float]:
+    """A row cache -> {mixture name: mean SDR of its sources}."""
+    row = json.loads(path.read_text())
+    if "per_source" not in row:
+        raise SystemExit(f"error: {path} has no per-source scores: delete it and re-run "
+                         "training.evaluate")
+    clips: dict[str, list[float]] = {}
+    for name, _cls, sdr, *_ in row["per_source"]:
+        clips.setdefault(name, []).append(sdr)
+    return {name: float(np.mean(v)) for name, v in clips.items()}
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Mean of a - b over their clips, its standard error, and the clip count."""
+    if sorted(a) != sorted(b):
+        raise SystemExit(f"error: the rows cover different clips ({len(a)} against {len(b)}, "
+                         f"{len(set(a) ^ set(b))} not in both): compare rows of one evaluation set")
+    if len(a) < 2:
+        raise SystemExit("error: a standard error needs at least two clips")
+    d = np.array([a[k] - b[k] for k in sorted(a)])
+    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "n": len(d)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", type=Path, help="row cache of training.evaluate (<out>/rows/*.json)")
+    ap.add_argument("b", type=Path, help="another row cache on the same clips")
+    args = ap.parse_args(argv)
+    r = paired(per_clip(args.a), per_clip(args.b))
+    print(f"{args.a.stem} - {args.b.stem}: {r['diff']:+.3f} dB SDR, standard error "
+          f"{r['se']:.3f} over {r['n']} clips")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""scripts/paired_sdr.py: the SDR difference of two rows, paired over clips, with its error."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "paired_sdr.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("paired_sdr", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_row(path: Path, sdrs: dict[str, tuple[float, float]]) -> Path:
+    per_source = [[name, cls, sdr, 0.0, 0.0]
+                  for name, pair in sdrs.items()
+                  for cls, sdr in zip(("x", "y"), pair, strict=True)]
+    path.write_text(json.dumps({"sdr": 0.0, "per_source": per_source}))
+    return path
+
+
+def test_sources_are_averaged_per_clip_then_differenced(tmp_path, capsys):
+    mod = load()
+    a = write_row(tmp_path / "a.json", {"c1": (10.0, 12.0), "c2": (8.0, 8.0), "c3": (5.0, 7.0)})
+    b = write_row(tmp_path / "b.json", {"c3": (6.0, 6.0), "c1": (9.0, 11.0), "c2": (9.0, 9.0)})
+    r = mod.paired(mod.per_clip(a), mod.per_clip(b))  # per-clip differences 1, -1, 0
+    assert r == pytest.approx({"diff": 0.0, "se": 1 / 3 ** 0.5, "n": 3})
+    assert mod.main([str(a), str(b)]) == 0
+    assert "a - b: +0.000 dB SDR, standard error 0.577 over 3 clips" in capsys.readouterr().out
+
+
+def test_rows_of_different_clips_are_refused(tmp_path):
+    mod = load()
+    a = write_row(tmp_path / "a.json", {"c1": (1.0, 1.0), "c2": (1.0, 1.0)})
+    b = write_row(tmp_path / "b.json", {"c1": (1.0, 1.0), "c9": (1.0, 1.0)})
+    with pytest.raises(SystemExit, match="different clips"):
+        mod.main([str(a), str(b)])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"sdr": 1.0}))
+    with pytest.raises(SystemExit, match="no per-source scores"):
+        mod.main([str(old), str(b)])
