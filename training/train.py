@@ -11,8 +11,8 @@ bins as SDR does, an ablation in docs/RESULTS.md section 20); AdamW for the tran
 for the audio network; a step LR schedule scaled to the budget (x0.1 at 80%; --lr-steps 0.4,0.8
 for Sound-of-Pixels' published two drops; --lr-schedule linear decays every LR linearly to zero
 at the end of the budget instead, --lr-schedule anneal only over the last fifth, --lr-schedule
-cosine along half a cosine); validation
-SDR on a fixed set of val mixtures, best kept by val only.
+cosine along half a cosine); validation SDR on a fixed set of val mixtures, best kept by val
+only.
 <out>/last/ is a resumable state (model, optimizers, RNGs: safetensors + JSON, no pickle),
 <out>/best.* the best model.
 torchrun runs it data-parallel (gloo on CPU). --precision auto (the default) runs the forward

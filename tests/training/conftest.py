@@ -1,5 +1,6 @@
 """Shared fixtures of the training tests."""
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,18 @@ import pytest
 from scipy.io import wavfile
 
 CLASSES = ["accordion", "banjo", "drum"]
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture
+def load_script():
+    """scripts/<name>.py imported as a module (scripts/ is not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,12 @@
 """scripts/mask_postprocessing.py's variants keep their promises on random masks."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mask_postprocessing.py"
 
-
-def load_variants():
-    spec = importlib.util.spec_from_file_location("mask_postprocessing", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.variants
-
-
-def test_variants_normalise_cap_soften_and_sharpen():
+def test_variants_normalise_cap_soften_and_sharpen(load_script):
     torch.manual_seed(0)
     m = torch.rand(3, 40, 20) * 0.9 + 0.05
-    v = load_variants()(m)
+    v = load_script("mask_postprocessing").variants(m)
     total = m.sum(0)
     assert torch.equal(v["as predicted"], m)
     torch.testing.assert_close(v["normalised"].sum(0), torch.ones_like(total))

@@ -1,19 +1,9 @@
 """scripts/paired_sdr.py: the SDR difference of two rows, paired over clips, with its error."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "paired_sdr.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("paired_sdr", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_row(path: Path, sdrs: dict[str, tuple[float, float]]) -> Path:
@@ -24,8 +14,8 @@ def write_row(path: Path, sdrs: dict[str, tuple[float, float]]) -> Path:
     return path
 
 
-def test_sources_are_averaged_per_clip_then_differenced(tmp_path, capsys):
-    mod = load()
+def test_sources_are_averaged_per_clip_then_differenced(tmp_path, capsys, load_script):
+    mod = load_script("paired_sdr")
     a = write_row(tmp_path / "a.json", {"c1": (10.0, 12.0), "c2": (8.0, 8.0), "c3": (5.0, 7.0)})
     b = write_row(tmp_path / "b.json", {"c3": (6.0, 6.0), "c1": (9.0, 11.0), "c2": (9.0, 9.0)})
     r = mod.paired(mod.per_clip(a), mod.per_clip(b))  # per-clip differences 1, -1, 0
@@ -34,8 +24,8 @@ def test_sources_are_averaged_per_clip_then_differenced(tmp_path, capsys):
     assert "a - b: +0.000 dB SDR, standard error 0.577 over 3 clips" in capsys.readouterr().out
 
 
-def test_rows_of_different_clips_are_refused(tmp_path):
-    mod = load()
+def test_rows_of_different_clips_are_refused(tmp_path, load_script):
+    mod = load_script("paired_sdr")
     a = write_row(tmp_path / "a.json", {"c1": (1.0, 1.0), "c2": (1.0, 1.0)})
     b = write_row(tmp_path / "b.json", {"c1": (1.0, 1.0), "c9": (1.0, 1.0)})
     with pytest.raises(SystemExit, match="different clips"):

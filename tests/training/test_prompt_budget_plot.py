@@ -1,21 +1,12 @@
 """scripts/prompt_budget_plot.py: each fine-tuned row becomes one point, as a share of the
 reference row scored on the same held-out classes (in whichever results file holds it)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "prompt_budget_plot.py"
 REF = "full (fp32 seed 2, this machine)"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("prompt_budget_plot", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def row(sdr: float, mode: str | None = None, trainable: int = 0, ckpt: str = "") -> dict:
@@ -30,8 +21,8 @@ def write(path: Path, held: list[str], rows: dict) -> Path:
     return path
 
 
-def test_points_are_shares_of_the_reference_on_the_same_classes(tmp_path, capsys):
-    mod = load()
+def test_points_are_shares_of_the_reference_on_the_same_classes(tmp_path, capsys, load_script):
+    mod = load_script("prompt_budget_plot")
     a = write(tmp_path / "a.json", ["violin", "flute"],
               {"prompt-only": row(6.0, "prompt", 1, "ft_p"), REF: row(12.0),
                "pre-trained": row(2.0)})
@@ -50,8 +41,8 @@ def test_points_are_shares_of_the_reference_on_the_same_classes(tmp_path, capsys
     assert "| violin,flute | decoder | 40 % | 9.00 | 75 % |" in capsys.readouterr().out
 
 
-def test_a_missing_reference_is_a_clear_error(tmp_path):
-    mod = load()
+def test_a_missing_reference_is_a_clear_error(tmp_path, load_script):
+    mod = load_script("prompt_budget_plot")
     a = write(tmp_path / "a.json", ["violin"], {"prompt-only": row(6.0, "prompt", 1, "x")})
     with pytest.raises(SystemExit, match="no row 'full"):
         mod.main([str(a), "--out", str(tmp_path / "f.png")])

@@ -1,19 +1,9 @@
 """scripts/silent_extra_breakdown.py groups each source by its own clip's generation record."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "silent_extra_breakdown.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("silent_extra_breakdown", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_meta(data: Path, cls: str, clip_id: str, extra: dict | None) -> None:
@@ -22,8 +12,8 @@ def write_meta(data: Path, cls: str, clip_id: str, extra: dict | None) -> None:
     path.write_text(json.dumps({"id": clip_id, "silent_extra": extra}))
 
 
-def test_sources_are_grouped_by_their_own_clip(tmp_path, capsys):
-    mod = load()
+def test_sources_are_grouped_by_their_own_clip(tmp_path, capsys, load_script):
+    mod = load_script("silent_extra_breakdown")
     write_meta(tmp_path, "flute", "flute_test_0000", {"class": "drum"})
     write_meta(tmp_path, "drum", "drum_test_0001", None)
     write_meta(tmp_path, "horn", "horn_test_0002", None)
@@ -39,8 +29,8 @@ def test_sources_are_grouped_by_their_own_clip(tmp_path, capsys):
     assert "| row.pairs2.6s | 5.00 (2) | 11.00 (2) |" in capsys.readouterr().out
 
 
-def test_a_row_without_per_source_scores_is_refused(tmp_path):
+def test_a_row_without_per_source_scores_is_refused(tmp_path, load_script):
     row = tmp_path / "old.json"
     row.write_text(json.dumps({"sdr": 8.0}))
     with pytest.raises(SystemExit, match="no per-source scores"):
-        load().main(["--data", str(tmp_path), str(row)])
+        load_script("silent_extra_breakdown").main(["--data", str(tmp_path), str(row)])
