@@ -4,9 +4,13 @@ error: whether a choice between two runs is more than the noise of the clips it 
     python scripts/paired_sdr.py runs/s58/valpairs/rows/A.pairs60.6s.json \
         runs/s61/valpairs_s6/rows/B.pairs60.6s.json
 
-Reads the per-source scores that training.evaluate keeps in its row cache. A mixture's sources
-are averaged first (one value per clip: its sources share the clip's difficulty), then the
-difference A - B is averaged over the clips, with the standard error of that mean.
+Reads the per-source scores that training.evaluate keeps in its row cache. Each source's score
+is grouped by the clip it comes from (a pair "a+b": its first source is clip a, its second b;
+an ensemble: the ensemble clip, whose stems share one performance) and averaged there, since a
+clip recurs in several mixtures (the test pairs give each clip two partners as its own pairs,
+and it is drawn as a partner too; `--partners` does the same for val pairs). The difference
+A - B is then averaged over the clips, with the standard error of that mean: clips, not
+mixtures, are the independent draws.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import numpy as np
 
 
 def per_clip(path: Path) -> dict[str, float]:
-    """A row cache -> {mixture name: mean SDR of its sources}."""
+    """A row cache -> {clip: mean SDR of the sources cut from it, over every mixture}."""
     row = json.loads(path.read_text())
     if "per_source" not in row:
         raise SystemExit(f"error: {path} has no per-source scores: delete it and re-run "
                          "training.evaluate")
     clips: dict[str, list[float]] = {}
+    seen: dict[str, int] = {}  # sources of each mixture so far: the next one's index
     for name, _cls, sdr, *_ in row["per_source"]:
-        clips.setdefault(name, []).append(sdr)
+        j = seen[name] = seen.get(name, -1) + 1
+        parts = name.split("+")
+        clips.setdefault(parts[j] if len(parts) > 1 else name, []).append(sdr)
     return {name: float(np.mean(v)) for name, v in clips.items()}
 
 

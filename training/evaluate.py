@@ -77,34 +77,54 @@ PAIRS_PER_CLASS = 10
 
 
 def split_pairs(data: Path, split: str, per_class: int = PAIRS_PER_CLASS,
-                seed: int = 0) -> list[tuple[Clip, Clip]]:
+                seed: int = 0, partners: int = 1) -> list[tuple[Clip, Clip]]:
     """Pairs of one split's clips: per class (sorted), `per_class` of its clips drawn without
-    replacement, each with a random clip of another class; fixed by the seed."""
+    replacement, each with a random clip of another class; fixed by the seed. partners > 1
+    pairs each drawn clip with that many distinct partners: the first round is the
+    partners=1 set, unchanged, and each later round adds one new partner per clip (more
+    mixtures from the same clips, as the test pairs give each test clip two)."""
     by_class = MusicIndex.from_csv(data / f"{split}.csv").by_class()
     if len(by_class) < 2:
         raise ValueError(f"{data / f'{split}.csv'}: pairs need clips of >= 2 classes")
     rng = np.random.default_rng(seed)
+    others = {name: [c for other, cs in sorted(by_class.items()) if other != name for c in cs]
+              for name in by_class}
+    if partners > min(len(v) for v in others.values()):
+        raise ValueError(f"--partners {partners}: a class has only "
+                         f"{min(len(v) for v in others.values())} clips of other classes")
     pairs = []
     for name in sorted(by_class):
         own = by_class[name]
-        others = [c for other, cs in sorted(by_class.items()) if other != name for c in cs]
         for i in rng.choice(len(own), min(per_class, len(own)), replace=False):
-            pairs.append((own[int(i)], others[int(rng.integers(len(others)))]))
+            pairs.append((own[int(i)], others[name][int(rng.integers(len(others[name])))]))
+    firsts = list(pairs)
+    for _ in range(partners - 1):
+        for a, _b in firsts:
+            # Neither partner already drawn for `a`, nor a clip whose own pair holds `a`
+            # (b + a is the same mixture as a + b).
+            taken = {y.clip_id for x, y in pairs if x.clip_id == a.clip_id}
+            taken |= {x.clip_id for x, y in pairs if y.clip_id == a.clip_id}
+            free = [c for c in others[a.class_name] if c.clip_id not in taken]
+            if not free:
+                raise ValueError(f"--partners {partners}: {a.clip_id} has no partner left "
+                                 "that would make a new mixture; ask for fewer")
+            pairs.append((a, free[int(rng.integers(len(free)))]))
     return pairs
 
 
 def load_items(data: Path, seconds: float, max_pairs: int | None, max_ensembles: int | None,
-               features: Path | None = None, pairs_from: str = "test"
+               features: Path | None = None, pairs_from: str = "test", partners: int = 1
                ) -> tuple[list[Item], list[Item]]:
     """Test pairs (sums of two solo clips) and ensemble clips, cut to `seconds`; max_pairs /
     max_ensembles pick evenly spaced subsets; queries from `features` (<data>/features by
     default). pairs_from "train" / "val": split_pairs of that split instead of the test pairs
-    (they have no detector features: their "det" stems are missing)."""
+    (they have no detector features: their "det" stems are missing), each clip with
+    `partners` partners."""
     feats = features or data / "features"
     n_max = round(seconds * 11025)
     pairs = []
     listed = (read_pairs(data / "test_pairs.csv") if pairs_from == "test"
-              else split_pairs(data, pairs_from))
+              else split_pairs(data, pairs_from, partners=partners))
     for a, b in spread(listed, max_pairs):
         wa, wb = load_audio(a), load_audio(b)
         n = min(len(wa), len(wb), n_max)
@@ -252,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="test: the fixed test pairs (default); train / val: 10 pairs per class "
                          "of that split's clips (seed 0), GT-named rows only, to measure the "
                          "generalisation gap; rows are cached by label, so give another --out")
+    ap.add_argument("--partners", type=int, default=1,
+                    help="with --pairs-from train / val: pair each clip with N distinct clips "
+                         "of other classes (default 1; the first N=1 pairs are kept, so N=4 "
+                         "is 4x the mixtures of the same clips: a finer choice between runs, "
+                         "with --seconds 12 for whole clips)")
     ap.add_argument("--features", type=Path, default=None,
                     help="feature cache of the queries (default <data>/features), e.g. one "
                          "re-encoded with a motion encoder trained end to end; rows are cached "
@@ -262,11 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     from training.instruments import load_vocabulary
 
     names = [inst.name for inst in load_vocabulary()]
+    if args.partners < 1 or (args.partners > 1 and args.pairs_from == "test"):
+        raise SystemExit("error: --partners N >= 1, and above 1 only with --pairs-from "
+                         "train / val (the test pairs are fixed)")
     if args.pairs_from != "test" and args.max_ensembles != 0:
         raise SystemExit(f"error: --pairs-from {args.pairs_from} scores pairs only: add "
                          "--max-ensembles 0")
     pairs, ens = load_items(args.data, args.seconds, args.max_pairs, args.max_ensembles,
-                            args.features, args.pairs_from)
+                            args.features, args.pairs_from, args.partners)
     rows_dir = args.out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
 

@@ -34,3 +34,11 @@ def test_rows_of_different_clips_are_refused(tmp_path, load_script):
     old.write_text(json.dumps({"sdr": 1.0}))
     with pytest.raises(SystemExit, match="no per-source scores"):
         mod.main([str(old), str(b)])
+
+
+def test_pair_sources_are_grouped_by_their_own_clip(tmp_path, load_script):
+    """A clip recurs in several pairs: its sources are one draw, wherever they were mixed."""
+    mod = load_script("paired_sdr")
+    a = write_row(tmp_path / "a.json", {"p+q": (10.0, 4.0), "p+r": (12.0, 6.0),
+                                        "q+r": (2.0, 8.0)})
+    assert mod.per_clip(a) == pytest.approx({"p": 11.0, "q": 3.0, "r": 7.0})

@@ -279,6 +279,13 @@ def test_evaluate_pairs_of_training_clips(fake_data, tmp_path, capsys):
     assert [(a.clip_id, b.clip_id) for a, b in pairs] == \
         [(a.clip_id, b.clip_id) for a, b in split_pairs(fake_data, "train", per_class=2)]
     assert all("_train_" in a.clip_id and "_train_" in b.clip_id for a, b in pairs)
+    first = split_pairs(fake_data, "train", per_class=1)
+    more = split_pairs(fake_data, "train", per_class=1, partners=2)
+    assert more[:3] == first and len(more) == 6  # a second partner per clip, first round kept
+    assert all(a.class_name != b.class_name for a, b in more)
+    assert len({frozenset((a.clip_id, b.clip_id)) for a, b in more}) == 6  # no mixture twice
+    with pytest.raises(ValueError, match="--partners 99"):
+        split_pairs(fake_data, "train", partners=99)
     run = tmp_path / "run"
     assert main(["--data", str(fake_data), "--model", "sop", "--batch", "2", "--steps", "1",
                  "--val-every", "1", "--val-mixtures", "2", "--out", str(run),
@@ -288,6 +295,8 @@ def test_evaluate_pairs_of_training_clips(fake_data, tmp_path, capsys):
             "--baselines", "irm", "--seconds", "1", "--ckpt", f"m={run / 'best'}"]
     with pytest.raises(SystemExit, match="--max-ensembles 0"):
         evaluate(args)
+    with pytest.raises(SystemExit, match="the test pairs are fixed"):
+        evaluate(args[:4] + ["--partners", "2", "--max-ensembles", "0"])
     assert evaluate(args + ["--max-ensembles", "0"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["n_pairs"] == 6 and res["n_ensembles"] == 0
