@@ -11,8 +11,9 @@
 # auto). iQuery's BatchNorm statistics are then re-estimated on 2-source training mixtures
 # (training.recalibrate, section 49) and the 60 val pairs choose between the two, never test.
 # AUDIO_LAYERS sets iQuery's audio-aware decoder depth (the preset's 3 if unset). The shipped
-# separator is SEED=7 AUDIO_LAYERS=1 (section 58), which the val pairs chose among the runs of
-# sections 47-58; the defaults give the paper's depth on seed 4 (section 49's, shipped before).
+# separator is SEED=8 AUDIO_LAYERS=1 with the re-estimated statistics (section 62), which val
+# chose among the runs of sections 47-62 (the 60 val pairs and section 62's 240 val mixtures
+# alike); the defaults give the paper's depth on seed 4 (section 49's, shipped before).
 # Rows: iQuery, Sound-of-Pixels on the detected player's crop, iQuery without motion, and
 # Sound-of-Pixels as published, on whole frames (section 27, pairs only). N_MIX=2 trains on
 # pairs, as the paper does (section 13's K=2 rows). Each step is skipped when its output already

@@ -9,7 +9,10 @@ Each row is cached as <out>/rows/<row>.json (delete it to recompute), with every
 scores ("per_source"); <out>/results.json and <out>/results.md gather every row's means. Long
 clips are separated by training.separate (windows of n_frames, 50% overlap). `--pairs-from
 train` scores pairs of training clips instead of the test pairs (ground-truth-named only):
-with the test rows beside it, the generalisation gap.
+with the test rows beside it, the generalisation gap. `--pairs-from val` scores pairs of the
+val clips, where runs are chosen; `--partners 4 --seconds 12` gives each val clip four
+partners over whole clips (240 mixtures of the 60 val clips instead of 60 first 6 s), for a
+choice between runs finer than their seed-to-seed differences (docs/RESULTS.md section 62).
 """
 
 from __future__ import annotations
