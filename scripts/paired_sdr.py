@@ -5,8 +5,8 @@ error: whether a choice between two runs is more than the noise of the clips it 
         runs/s61/valpairs_s6/rows/B.pairs60.6s.json
 
 Reads the per-source scores that training.evaluate keeps in its row cache. Each source's score
-is grouped by the clip it comes from (a pair "a+b": its first source is clip a, its second b;
-an ensemble: the ensemble clip, whose stems share one performance) and averaged there, since a
+is grouped by the clip it comes from (training.evaluate.source_clips: a pair "a+b"'s sources are
+clips a and b; an ensemble's stems share one performance) and averaged there, since a
 clip recurs in several mixtures (the test pairs give each clip two partners as its own pairs,
 and it is drawn as a partner too; `--partners` does the same for val pairs). The difference
 A - B is then averaged over the clips, with the standard error of that mean: clips, not
@@ -16,25 +16,21 @@ mixtures, are the independent draws.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.evaluate import read_per_source, source_clips  # noqa: E402
+
 
 def per_clip(path: Path) -> dict[str, float]:
     """A row cache -> {clip: mean SDR of the sources cut from it, over every mixture}."""
-    row = json.loads(path.read_text())
-    if "per_source" not in row:
-        raise SystemExit(f"error: {path} has no per-source scores: delete it and re-run "
-                         "training.evaluate")
+    per_source = read_per_source(path)
     clips: dict[str, list[float]] = {}
-    seen: dict[str, int] = {}  # sources of each mixture so far: the next one's index
-    for name, _cls, sdr, *_ in row["per_source"]:
-        j = seen[name] = seen.get(name, -1) + 1
-        parts = name.split("+")
-        clips.setdefault(parts[j] if len(parts) > 1 else name, []).append(sdr)
+    for clip, (_name, _cls, sdr, *_) in zip(source_clips(per_source), per_source, strict=True):
+        clips.setdefault(clip, []).append(sdr)
     return {name: float(np.mean(v)) for name, v in clips.items()}
 
 

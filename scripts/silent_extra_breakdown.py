@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.evaluate import read_per_source, source_clips  # noqa: E402
+
 
 def has_silent_extra(data: Path, class_name: str, clip_id: str) -> bool:
     meta = data / "meta" / class_name / f"{clip_id}.json"
@@ -30,11 +33,7 @@ def breakdown(data: Path, per_source: list[list]) -> dict[str, dict[str, float]]
     """per_source rows [pair name "a+b", class, SDR, SIR, SAR] -> mean SDR and count with and
     without a silent extra in that source's video."""
     groups: dict[str, list[float]] = {"with silent extra": [], "without": []}
-    for name, cls, sdr, *_ in per_source:
-        ids = name.split("+")
-        own = next((i for i in ids if i.startswith(f"{cls}_")), None)
-        if own is None:
-            raise SystemExit(f"error: cannot tell which clip of {name!r} is the {cls} source")
+    for own, (_name, cls, sdr, *_) in zip(source_clips(per_source), per_source, strict=True):
         key = "with silent extra" if has_silent_extra(data, cls, own) else "without"
         groups[key].append(sdr)
     return {k: {"sdr": float(np.mean(v)) if v else float("nan"), "n": len(v)}
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     print("| row | SDR, source with a silent extra (n) | SDR, without (n) |\n|---|---:|---:|")
     for path in args.rows:
-        row = json.loads(path.read_text())
-        if "per_source" not in row:
-            raise SystemExit(f"error: {path} has no per-source scores: delete it and re-run "
-                             "training.evaluate")
-        b = breakdown(args.data, row["per_source"])
+        b = breakdown(args.data, read_per_source(path))
         w, wo = b["with silent extra"], b["without"]
         print(f"| {path.stem} | {w['sdr']:.2f} ({w['n']}) | {wo['sdr']:.2f} ({wo['n']}) |")
     return 0

@@ -92,9 +92,6 @@ def split_pairs(data: Path, split: str, per_class: int = PAIRS_PER_CLASS,
     rng = np.random.default_rng(seed)
     others = {name: [c for other, cs in sorted(by_class.items()) if other != name for c in cs]
               for name in by_class}
-    if partners > min(len(v) for v in others.values()):
-        raise ValueError(f"--partners {partners}: a class has only "
-                         f"{min(len(v) for v in others.values())} clips of other classes")
     pairs = []
     for name in sorted(by_class):
         own = by_class[name]
@@ -103,10 +100,8 @@ def split_pairs(data: Path, split: str, per_class: int = PAIRS_PER_CLASS,
     firsts = list(pairs)
     for _ in range(partners - 1):
         for a, _b in firsts:
-            # Neither partner already drawn for `a`, nor a clip whose own pair holds `a`
-            # (b + a is the same mixture as a + b).
-            taken = {y.clip_id for x, y in pairs if x.clip_id == a.clip_id}
-            taken |= {x.clip_id for x, y in pairs if y.clip_id == a.clip_id}
+            # No clip already mixed with `a`, on either side (b + a is the same mixture as a + b).
+            taken = {c.clip_id for pair in pairs if a in pair for c in pair}
             free = [c for c in others[a.class_name] if c.clip_id not in taken]
             if not free:
                 raise ValueError(f"--partners {partners}: {a.clip_id} has no partner left "
@@ -235,6 +230,27 @@ def score_row(items: list[Item], estimate: Callable[[Item], np.ndarray]) -> dict
     sdr, sir, sar = np.array([p[2:] for p in per_source]).T
     return {"sdr": float(sdr.mean()), "sir": float(sir.mean()), "sar": float(sar.mean()),
             "sdr_median": float(np.median(sdr)), "n_sources": len(sdr), "per_source": per_source}
+
+
+def read_per_source(path: Path) -> list[list]:
+    """A row cache's "per_source" entries (score_row), or a one-line error for older rows."""
+    row = json.loads(Path(path).read_text())
+    if "per_source" not in row:
+        raise SystemExit(f"error: {path} has no per-source scores: delete it and re-run "
+                         "training.evaluate")
+    return row["per_source"]
+
+
+def source_clips(per_source: list[list]) -> list[str]:
+    """The clip each per_source entry was cut from: a pair "a+b"'s sources are a, then b (the
+    order score_row writes them in); an ensemble's stems share its clip."""
+    seen: dict[str, int] = {}  # sources of each mixture so far: the next one's index
+    clips = []
+    for name, *_ in per_source:
+        j = seen[name] = seen.get(name, -1) + 1
+        parts = name.split("+")
+        clips.append(parts[j] if len(parts) > 1 else name)
+    return clips
 
 
 def to_markdown(results: dict) -> str:
