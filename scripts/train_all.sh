@@ -9,7 +9,9 @@
 # THREADS cores for MINUTES, one after the other, on the 256-row grid and 3-source mixtures,
 # seed SEED, under bf16 autocast where the CPU has AVX512-BF16 or AMX (train.py's --precision
 # auto). iQuery's BatchNorm statistics are then re-estimated on 2-source training mixtures
-# (training.recalibrate, section 49) and the 60 val pairs choose between the two, never test.
+# (training.recalibrate, section 49) and the val clips choose between the two, never test:
+# each of the 60 val clips heard whole beside VAL_PARTNERS (4) clips of other classes, 240
+# mixtures (training.evaluate --partners, section 62: a 2.5x finer choice than the 60 pairs).
 # AUDIO_LAYERS sets iQuery's audio-aware decoder depth (the preset's 3 if unset). The shipped
 # separator is SEED=8 AUDIO_LAYERS=1 with the re-estimated statistics (section 62), which val
 # chose among the runs of sections 47-62 (the 60 val pairs and section 62's 240 val mixtures
@@ -20,7 +22,8 @@
 # exists, so a rerun resumes.
 #
 # Environment: PY (.venv/bin/python), RUNS (runs), BUNDLE (models/checkpoints/cpu: the folder
-# the engine loads, overwritten at the end), SEED (4), AUDIO_LAYERS (unset), THREADS (2);
+# the engine loads, overwritten at the end), SEED (4), AUDIO_LAYERS (unset), THREADS (2),
+# VAL_PARTNERS (4; 1 gives the 60 val pairs of sections 3-61, whole);
 # DET_STEPS, OBJ_STEPS, MOTION_STEPS, FRAME_STEPS shorten the front end's training for a quick
 # run of the whole chain (tests/training/test_train_all.py).
 set -euo pipefail
@@ -64,16 +67,17 @@ train iquery_nomotion
     --steps "${FRAME_STEPS:-600}"
 FEATURES="$DATA/features_frame" train_as sop_frame sop
 
-# The val pairs choose iQuery's statistics (as trained, or of 2-source mixtures).
+# The val clips choose iQuery's statistics (as trained, or of 2-source mixtures): whole
+# clips (12 s), each mixed with VAL_PARTNERS clips of other classes.
 $PY -m training.evaluate --data "$DATA" --out "$RUNS/results_val" --pairs-from val \
-    --max-ensembles 0 --baselines "" \
+    --partners "${VAL_PARTNERS:-4}" --seconds 12 --max-ensembles 0 --baselines "" \
     --ckpt "as trained=$RUNS/iquery/best" --ckpt "K=2 statistics=$RUNS/iquery_bn2"
 SEPARATOR=$($PY -c 'import json, sys
 pairs = json.load(open(sys.argv[1]))["pairs"]
 bn2, trained = (pairs[f"{k} (GT-named)"]["sdr"] for k in ("K=2 statistics", "as trained"))
 print(sys.argv[3] if bn2 > trained else sys.argv[2])' \
     "$RUNS/results_val/results.json" "$RUNS/iquery/best" "$RUNS/iquery_bn2")
-echo "iQuery chosen on the val pairs: $SEPARATOR"
+echo "iQuery chosen on the val mixtures: $SEPARATOR"
 $PY -m training.evaluate --data "$DATA" --out "$RUNS/results" --max-ensembles 20 \
     --ckpt "Sound-of-Pixels=$RUNS/sop/best" --ckpt "iQuery without motion=$RUNS/iquery_nomotion/best" \
     --ckpt "iQuery=$SEPARATOR"

@@ -27,12 +27,17 @@ def test_train_all_runs_the_whole_chain_and_writes_a_bundle_the_engine_loads(tmp
                            "--size", "tiny", "--seed", "0", "--quiet"], cwd=ROOT).returncode == 0
     env = os.environ | {"PY": sys.executable, "RUNS": str(runs), "BUNDLE": str(bundle),
                         "THREADS": "1", "DET_STEPS": "2", "OBJ_STEPS": "1",
-                        "MOTION_STEPS": "2", "FRAME_STEPS": "2", "AUDIO_LAYERS": "1"}
+                        "MOTION_STEPS": "2", "FRAME_STEPS": "2", "AUDIO_LAYERS": "1",
+                        # the tiny set's 2 val clips per class hold no 4 distinct partners
+                        "VAL_PARTNERS": "1"}
     proc = subprocess.run(["bash", "scripts/train_all.sh", str(data), "0.02", "2"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     chosen = next(line for line in proc.stdout.splitlines() if line.startswith("iQuery chosen"))
     assert chosen.endswith((f"{runs}/iquery/best", f"{runs}/iquery_bn2"))
+    # the choice heard whole val clips, each beside VAL_PARTNERS partners (4 val clips here)
+    val = json.loads((runs / "results_val" / "results.json").read_text())
+    assert val["seconds"] == 12 and val["n_pairs"] == 4
     for run in ("iquery", "sop", "iquery_nomotion", "sop_frame"):
         summary = json.loads((runs / run / "summary.json").read_text())
         assert summary["step"] > 0 and summary["n_mix"] == 2, run
