@@ -13,6 +13,11 @@ Variants, on the unwarped masks m_k of the K sources of a pair (mixture phase th
                  IRM's and its SAR far below, so it removes too much), and the same scaled
                  by min(1, sum_j m_j) ("power p, capped")
   raised p       m_k^p alone (p < 1): every mask moved towards 1, the sum left free
+and, with --oracle-gates, two bounds that read the references (not deployable: what a perfect
+per-frame "is it playing?" signal, such as ideal motion cues, could add at most):
+  oracle gate    m_k set to 0 in the STFT frames where source k is silent (its frame energy
+                 more than 30 dB under the mixture's)
+  oracle gate, solo frames 1   the same, and m_k = 1 where k is the only source sounding
 and each with the sliding windows every half window (training.separate's default) or every
 quarter window (twice the forward passes, each frame averaged over four windows).
 Model selection belongs to val pairs (the default); --pairs-from test only to report.
@@ -56,6 +61,22 @@ def variants(m: torch.Tensor, powers: tuple[float, ...] = (0.5, 0.75, 2.0)
     return out
 
 
+ORACLE_SILENCE_DB = -30.0
+
+
+def oracle_gates(m: torch.Tensor, refs_spec: torch.Tensor, mix_spec: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+    """m (K, N_BINS, T) masks, refs_spec (K, N_BINS, T) and mix_spec (N_BINS, T) complex ->
+    the oracle-gated masks by name (see the module docstring)."""
+    energy = (refs_spec.abs() ** 2).sum(1)  # (K, T)
+    mix_energy = (mix_spec.abs() ** 2).sum(0).clamp_min(1e-12)  # (T,)
+    active = energy > mix_energy * 10 ** (ORACLE_SILENCE_DB / 10)  # (K, T)
+    gated = m * active[:, None, :]
+    solo = (active.sum(0) == 1)[None, None, :]
+    return {"oracle gate": gated,
+            "oracle gate, solo frames 1": torch.where(solo, active[:, None, :].to(m), gated)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", type=Path, required=True, help="separator checkpoint stem")
@@ -66,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--hops", default="half,quarter",
                     help="comma-separated window hops to score: half, quarter")
+    ap.add_argument("--oracle-gates", action="store_true",
+                    help="also score the oracle per-frame activity gates (they read the "
+                         "references: a bound, never a variant to ship)")
     ap.add_argument("--json", type=Path, default=None, help="write the table here too")
     args = ap.parse_args(argv)
     if args.threads:
@@ -90,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         for hop_name in hops:
             hop = model.n_frames // {"half": 2, "quarter": 4}[hop_name]
             m = unwarp(separate_masks(model, spec, queries, hop=hop)[None])[0].clamp(0, 1)
-            for name, mm in variants(m).items():
+            named = variants(m)
+            if args.oracle_gates:
+                refs_spec = stft(torch.from_numpy(np.asarray(it["refs"], np.float32)))
+                named |= oracle_gates(m, refs_spec, spec)
+            for name, mm in named.items():
                 est = istft(mm * spec[None], x.shape[-1]).numpy()
                 row = scores.setdefault(f"{name}, hop {hop_name} window", {})
                 for metric, vals in bss_eval(it["refs"], est).items():

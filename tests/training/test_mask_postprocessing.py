@@ -19,3 +19,18 @@ def test_variants_normalise_cap_soften_and_sharpen(load_script):
     share = m / total
     spread = {p: (v[f"power {p}"] - 1 / 3).abs().mean() for p in ("0.5", "2")}
     assert spread["0.5"] < (share - 1 / 3).abs().mean() < spread["2"]
+
+
+def test_oracle_gates_silence_and_solo_frames(load_script):
+    torch.manual_seed(0)
+    m = torch.rand(2, 16, 6) * 0.8 + 0.1
+    refs = torch.randn(2, 16, 6, dtype=torch.complex64)
+    refs[0, :, 1] = 0  # source 0 silent in frame 1, source 1 silent in frame 4
+    refs[1, :, 4] = 1e-4 * refs[1, :, 4]
+    v = load_script("mask_postprocessing").oracle_gates(m, refs, refs.sum(0))
+    g, solo = v["oracle gate"], v["oracle gate, solo frames 1"]
+    assert (g[0, :, 1] == 0).all() and (g[1, :, 4] == 0).all()
+    keep = [0, 2, 3, 5]
+    assert torch.equal(g[:, :, keep], m[:, :, keep])
+    assert (solo[1, :, 1] == 1).all() and (solo[0, :, 4] == 1).all()
+    assert (solo[0, :, 1] == 0).all() and torch.equal(solo[:, :, keep], m[:, :, keep])

@@ -42,3 +42,17 @@ def test_pair_sources_are_grouped_by_their_own_clip(tmp_path, load_script):
     a = write_row(tmp_path / "a.json", {"p+q": (10.0, 4.0), "p+r": (12.0, 6.0),
                                         "q+r": (2.0, 8.0)})
     assert mod.per_clip(a) == pytest.approx({"p": 11.0, "q": 3.0, "r": 7.0})
+
+
+def test_top_lists_the_largest_clips_and_the_mean_without_them(tmp_path, capsys, load_script):
+    mod = load_script("paired_sdr")
+    a = write_row(tmp_path / "a.json", {"c1": (1.0, 1.0), "c2": (2.0, 2.0), "c3": (20.0, 20.0)})
+    b = write_row(tmp_path / "b.json", {"c1": (0.0, 0.0), "c2": (0.0, 0.0), "c3": (0.0, 0.0)})
+    assert mod.main([str(a), str(b), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "a - b: +7.667 dB SDR" in out
+    assert ("c3: +20.00 dB (+6.667 of the mean over clips; 2 sources, +6.667 of the row's "
+            "mean over 6 sources)") in out
+    assert "without these 1: +1.500 dB SDR, standard error 0.500 over 2 clips" in out
+    with pytest.raises(SystemExit):
+        mod.main([str(a), str(b), "--top", "-1"])
