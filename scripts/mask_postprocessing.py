@@ -111,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         queries = [query_from(s, names, c) for s, c in zip(it["gt"], it["classes"], strict=True)]
         x = torch.from_numpy(it["mix"].astype(np.float32))
         spec = stft(x)
+        refs_spec = (stft(torch.from_numpy(np.asarray(it["refs"], np.float32)))
+                     if args.oracle_gates else None)
         for hop_name in hops:
             hop = model.n_frames // {"half": 2, "quarter": 4}[hop_name]
             m = unwarp(separate_masks(model, spec, queries, hop=hop)[None])[0].clamp(0, 1)
             named = variants(m)
             if args.oracle_gates:
-                refs_spec = stft(torch.from_numpy(np.asarray(it["refs"], np.float32)))
                 named |= oracle_gates(m, refs_spec, spec)
             for name, mm in named.items():
                 est = istft(mm * spec[None], x.shape[-1]).numpy()
