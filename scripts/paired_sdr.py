@@ -32,21 +32,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.evaluate import read_per_source, source_clips  # noqa: E402
 
 
-def per_clip(path: Path) -> dict[str, float]:
-    """A row cache -> {clip: mean SDR of the sources cut from it, over every mixture}."""
+def clip_sdrs(path: Path) -> dict[str, list[float]]:
+    """A row cache -> {clip: the SDR of every scored source cut from it, over every mixture}."""
     per_source = read_per_source(path)
     clips: dict[str, list[float]] = {}
     for clip, (_name, _cls, sdr, *_) in zip(source_clips(per_source), per_source, strict=True):
         clips.setdefault(clip, []).append(sdr)
-    return {name: float(np.mean(v)) for name, v in clips.items()}
+    return clips
 
 
-def source_counts(path: Path) -> dict[str, int]:
-    """A row cache -> {clip: how many of its scored sources were cut from that clip}."""
-    counts: dict[str, int] = {}
-    for clip in source_clips(read_per_source(path)):
-        counts[clip] = counts.get(clip, 0) + 1
-    return counts
+def per_clip(path: Path) -> dict[str, float]:
+    """A row cache -> {clip: mean SDR of the sources cut from it, over every mixture}."""
+    return {name: float(np.mean(v)) for name, v in clip_sdrs(path).items()}
 
 
 def differences(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -81,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.top < 0:
         ap.error(f"--top {args.top}: expected a count >= 0")
-    diffs = differences(per_clip(args.a), per_clip(args.b))
+    sdrs_a = clip_sdrs(args.a)
+    diffs = differences({k: float(np.mean(v)) for k, v in sdrs_a.items()}, per_clip(args.b))
     r = summary(diffs)
     print(f"{args.a.stem} - {args.b.stem}: {r['diff']:+.3f} dB SDR, standard error "
           f"{r['se']:.3f} over {r['n']} clips")
     if args.top:
-        counts = source_counts(args.a)
+        counts = {k: len(v) for k, v in sdrs_a.items()}
         n_sources = sum(counts.values())
         top = sorted(diffs, key=lambda k: -abs(diffs[k]))[:args.top]
         for k in top:
